@@ -1,0 +1,80 @@
+"""Distribution and mixed precision: the only module that imports accelerate.
+
+One process, `torchrun --nproc-per-node N -m llmctl ...` and `accelerate launch -m llmctl ...` all come through
+`Dist`: DDP (gloo on CPU, nccl on GPU), FSDP when the accelerate config asks for it, and autocast for bf16/fp16.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+
+import torch
+
+from llmctl.errors import UserError
+
+
+class Dist:
+    def __init__(self, precision: str = "fp32", seed: int | None = None):
+        if precision == "fp16" and not torch.cuda.is_available():
+            raise UserError("train.precision fp16 needs a CUDA GPU; use bf16 or fp32 on CPU")
+        if precision == "bf16" and torch.cuda.is_available() and not torch.cuda.is_bf16_supported():
+            raise UserError("train.precision bf16 is not supported by this GPU; use fp16 or fp32")
+        world = int(os.environ.get("WORLD_SIZE", "1"))
+        if world > 1 and not torch.cuda.is_available():
+            # accelerate takes a CPU multi-process run from this variable (as `accelerate launch --cpu` sets it).
+            os.environ.setdefault("ACCELERATE_USE_CPU", "true")
+        from accelerate import Accelerator
+
+        mp = {"fp32": "no", "bf16": "bf16", "fp16": "fp16"}[precision]
+        self.accelerator = Accelerator(mixed_precision=mp)
+        self.precision = precision
+        self.device = self.accelerator.device
+        self.rank = self.accelerator.process_index
+        self.world = self.accelerator.num_processes
+        self.is_main = self.accelerator.is_main_process
+        if seed is not None:
+            torch.manual_seed(seed)
+
+    # ------------------------------------------------------------------ wrapping
+    def prepare(self, model, optimizer):
+        return self.accelerator.prepare(model, optimizer)
+
+    def unwrap(self, model):
+        return self.accelerator.unwrap_model(model, keep_torch_compile=False)
+
+    # ------------------------------------------------------------------ steps
+    def backward(self, loss):
+        self.accelerator.backward(loss)
+
+    def no_sync(self, model, skip: bool):
+        """Skip the gradient all-reduce on all but the last micro-step of an accumulation."""
+        return self.accelerator.no_sync(model) if skip and self.world > 1 else contextlib.nullcontext()
+
+    def clip_grad_norm(self, parameters, max_norm: float) -> torch.Tensor:
+        return self.accelerator.clip_grad_norm_(parameters, max_norm if max_norm > 0 else float("inf"))
+
+    def autocast(self):
+        return self.accelerator.autocast()
+
+    # ------------------------------------------------------------------ collectives
+    def all_sum(self, t: torch.Tensor) -> torch.Tensor:
+        """Sum a tensor over processes (returns it unchanged in a single process)."""
+        if self.world == 1:
+            return t
+        t = t.to(self.device)
+        torch.distributed.all_reduce(t, op=torch.distributed.ReduceOp.SUM)
+        return t
+
+    def any(self, flag: bool) -> bool:
+        """True on every process if `flag` is true on any of them."""
+        if self.world == 1:
+            return flag
+        return bool(self.all_sum(torch.tensor([1.0 if flag else 0.0])).item() > 0)
+
+    def barrier(self):
+        if self.world > 1:
+            self.accelerator.wait_for_everyone()
+
+    def end(self):
+        self.accelerator.end_training()

@@ -1,0 +1,131 @@
+"""`llmctl pretrain`: a decoder-only transformer from scratch on token shards."""
+
+from __future__ import annotations
+
+import math
+import sys
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from llmctl import hf, loop
+from llmctl.data import TokenShards
+from llmctl.dist import Dist
+from llmctl.errors import UserError
+from llmctl.model import ModelConfig, Transformer
+from llmctl.tokenizer import load_tokenizer
+
+
+def model_config(recipe, tok) -> ModelConfig:
+    m = recipe.model
+    try:
+        return ModelConfig(
+            arch=m.arch, vocab_size=tok.vocab_size, n_layer=m.n_layer, n_head=m.n_head, n_kv_head=m.n_kv_head,
+            n_embd=m.n_embd, block_size=m.block_size, intermediate_size=m.intermediate_size,
+            rope_theta=m.rope_theta, qkv_bias=m.qkv_bias, tie_embeddings=m.tie_embeddings or m.arch == "gpt2",
+            dropout=m.dropout, bos_token_id=tok.bos_id, eos_token_id=tok.eos_id, pad_token_id=tok.pad_id)
+    except ValueError as e:
+        raise UserError(f"model: {e}") from None
+
+
+class WindowBatches:
+    """Random windows of block_size+1 tokens; step s's global batch is a pure function of (seed, s).
+
+    The global batch of an optimizer step is micro_batch_size * grad_accum * world windows; process r takes
+    rows [(m * world + r) * micro, ...) for micro-step m, so every process count sees the same global batch.
+    """
+
+    def __init__(self, shards: TokenShards, block_size: int, micro: int, accum: int, rank: int, world: int,
+                 seed: int):
+        self.shards, self.T, self.micro, self.accum = shards, block_size, micro, accum
+        self.rank, self.world, self.seed = rank, world, seed
+        self.high = len(shards) - (block_size + 1) + 1
+        if self.high <= 0:
+            raise UserError(f"training data holds {len(shards)} tokens, fewer than block_size+1 = {block_size + 1}")
+
+    def __call__(self, step: int) -> list[dict]:
+        n = self.micro * self.accum * self.world
+        offsets = np.random.default_rng([self.seed, step]).integers(0, self.high, size=n)
+        out = []
+        for m in range(self.accum):
+            lo = (m * self.world + self.rank) * self.micro
+            w = self.shards.get(offsets[lo:lo + self.micro], self.T + 1)
+            out.append({"idx": w[:, :-1].contiguous(), "targets": w[:, 1:].contiguous()})
+        return out
+
+
+def val_windows(shards: TokenShards, block_size: int, n: int) -> np.ndarray:
+    """n fixed, evenly spaced windows over the val split (non-overlapping when it is long enough)."""
+    high = len(shards) - (block_size + 1)
+    if high < 0:
+        raise UserError(f"validation data holds {len(shards)} tokens, fewer than block_size+1 = {block_size + 1}")
+    return np.linspace(0, high, num=n).astype(np.int64)
+
+
+def make_evaluate(shards: TokenShards, token_bytes: np.ndarray, block_size: int, micro: int, batches: int,
+                  dist: Dist):
+    """val_loss (mean nats per token) and val_bpb (bits per UTF-8 byte, over tokens that stand for bytes)."""
+    offsets = val_windows(shards, block_size, micro * batches)[dist.rank::dist.world]
+    tb = torch.as_tensor(token_bytes, dtype=torch.float64)
+
+    def evaluate(model) -> dict:
+        sums = torch.zeros(4, dtype=torch.float64)  # nats (all), tokens, nats (byte tokens), bytes
+        for i in range(0, len(offsets), micro):
+            w = shards.get(offsets[i:i + micro], block_size + 1).to(dist.device)
+            x, y = w[:, :-1], w[:, 1:]
+            logits = model(x).float()
+            nats = torch.nn.functional.cross_entropy(logits.flatten(0, 1), y.flatten(), reduction="none").double()
+            nbytes = tb[y.flatten().cpu()].to(nats.device)
+            has = nbytes > 0
+            sums += torch.stack([nats.sum(), torch.tensor(float(nats.numel()), dtype=torch.float64,
+                                                          device=nats.device),
+                                 nats[has].sum(), nbytes.sum()]).cpu()
+        sums = dist.all_sum(sums).cpu()
+        return {"val_loss": (sums[0] / sums[1]).item(), "val_bpb": (sums[2] / (math.log(2) * sums[3])).item()}
+
+    return evaluate
+
+
+def run(recipe) -> dict:
+    dist = Dist(recipe.train.precision, seed=recipe.seed)
+    tok = load_tokenizer(recipe.tokenizer)
+    train_data = TokenShards(recipe.data.train, "train")
+    val_data = TokenShards(recipe.data.val or recipe.data.train, "val")
+    for name, ds in (("data.train", train_data), ("data.val", val_data)):
+        if ds.meta.get("tokenizer_hash") != tok.hash():
+            raise UserError(f"{name} was encoded with another tokenizer than {recipe.tokenizer} "
+                            f"(hash {str(ds.meta.get('tokenizer_hash'))[:12]} vs {tok.hash()[:12]}); "
+                            "re-run `llmctl tokenize encode` with this tokenizer")
+    cfg = model_config(recipe, tok)
+    resume = loop.find_resume(recipe.out_dir)
+    if resume is not None:
+        model = hf.load_model(resume)
+        if model.config != cfg:
+            raise UserError(f"incompatible checkpoint: {resume} holds a different model than the recipe")
+        if dist.is_main:
+            print(f"resuming from {resume}", file=sys.stderr)
+    else:
+        torch.manual_seed(recipe.seed)
+        model = Transformer(cfg)
+        model.init_weights()
+    tc = recipe.train
+    task = loop.Task(
+        model=model,
+        batches=WindowBatches(train_data, cfg.block_size, tc.micro_batch_size, tc.grad_accum, dist.rank,
+                              dist.world, recipe.seed),
+        loss=lambda m, b: m(b["idx"], b["targets"]),
+        count=lambda b: b["targets"].numel(),
+        save_model=lambda m, d: hf.save_model(m, d, tokenizer_dir=tok.path),
+        evaluate=make_evaluate(val_data, train_data.token_bytes, cfg.block_size, tc.micro_batch_size,
+                               tc.eval_batches, dist),
+        flops_per_token=model.flops_per_token(cfg.block_size),
+    )
+    if dist.is_main:
+        n = model.num_params()
+        print(f"model: {cfg.arch} {n / 1e6:.2f}M parameters; training {len(train_data):,} tokens, "
+              f"{dist.world} process(es), global batch {tc.micro_batch_size * tc.grad_accum * dist.world} x "
+              f"{cfg.block_size}", file=sys.stderr)
+    last = loop.train(recipe, task, dist, resume=resume)
+    dist.end()
+    return last
