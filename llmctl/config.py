@@ -111,6 +111,11 @@ def _check_value(key: str, tp, value, meta) -> Any:
     elif tp is int:
         ok = isinstance(value, int) and not isinstance(value, bool)
     elif tp is float:
+        if isinstance(value, str):  # YAML 1.1 reads `1e-3` (no dot) as a string
+            try:
+                value = float(value)
+            except ValueError:
+                pass
         ok = isinstance(value, (int, float)) and not isinstance(value, bool)
         value = float(value) if ok else value
     elif tp is str:
@@ -127,19 +132,20 @@ def _check_value(key: str, tp, value, meta) -> Any:
     return value
 
 
-def _keys(cls, prefix="") -> list[str]:
+def _keys(cls, prefix="", sections=False) -> list[str]:
     out = []
     for f in dataclasses.fields(cls):
         tp = typing.get_type_hints(cls)[f.name]
         if dataclasses.is_dataclass(tp):
-            out += _keys(tp, f"{prefix}{f.name}.")
+            out += [prefix + f.name] if sections else []
+            out += _keys(tp, f"{prefix}{f.name}.", sections)
         else:
             out.append(prefix + f.name)
     return out
 
 
 def _unknown(key: str, root_cls, where: str) -> UserError:
-    close = difflib.get_close_matches(key, _keys(root_cls), n=1, cutoff=0.6)
+    close = difflib.get_close_matches(key, _keys(root_cls, sections=True), n=1, cutoff=0.6)
     hint = f" (did you mean '{close[0]}'?)" if close else ""
     return UserError(f"unknown key '{key}'{where}{hint}")
 
