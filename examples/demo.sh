@@ -1,0 +1,31 @@
+#!/usr/bin/env bash
+# The llmctl lifecycle on the built-in corpus, on a CPU, in a few minutes:
+# tokenizer -> token shards -> pretraining -> val bits-per-byte before/after -> a greedy sample.
+set -euo pipefail
+PYTHON=${PYTHON:-python3}
+LLMCTL="$PYTHON -m llmctl"
+D=${DEMO_DIR:-runs/demo}
+STEPS=${DEMO_STEPS:-600}
+mkdir -p "$D"
+
+echo "== 1/4 train a byte-level BPE tokenizer on the builtin corpus" >&2
+[ -f "$D/tok/tokenizer.json" ] || $LLMCTL tokenize train builtin --vocab-size 4096 --out "$D/tok"
+
+echo "== 2/4 encode the corpus into token shards" >&2
+[ -f "$D/data/meta.json" ] || $LLMCTL tokenize encode builtin --tokenizer "$D/tok" --out "$D/data" --val-fraction 0.02
+
+echo "== 3/4 pretrain a small llama ($STEPS steps)" >&2
+$LLMCTL pretrain recipes/tiny/pretrain.yaml out_dir="$D/pretrain" tokenizer="$D/tok" data.train="$D/data" \
+  train.max_steps="$STEPS"
+
+echo "== 4/4 results" >&2
+$PYTHON - "$D/pretrain/metrics.jsonl" <<'PY'
+import json, sys
+evals = [e for e in map(json.loads, open(sys.argv[1])) if "val_bpb" in e]
+first, last = evals[0], evals[-1]
+drop = 1 - last["val_bpb"] / first["val_bpb"]
+print(f"val bpb: step {first['step']}: {first['val_bpb']:.3f} -> step {last['step']}: {last['val_bpb']:.3f} "
+      f"({drop:.0%} lower)")
+PY
+echo "greedy sample:"
+$PYTHON examples/sample.py "$D/pretrain" "The Python interpreter" --max-new-tokens 40
