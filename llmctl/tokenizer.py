@@ -1,0 +1,272 @@
+"""Byte-level BPE tokenizer: training, loading, special tokens, chat template.
+
+A trained tokenizer is the pair of files Hugging Face expects in a model directory:
+- `tokenizer.json`: a `tokenizers` byte-level BPE (GPT-2 regex, no prefix space, no normaliser, no
+  post-processor: encoding never adds special tokens by itself); the 256 byte symbols are always in the
+  vocabulary, so any text encodes, and decoding gives the text back exactly;
+- `tokenizer_config.json` (+ `special_tokens_map.json`): bos / eos / pad tokens, `model_max_length` and a
+  ChatML chat template, so `transformers.AutoTokenizer.from_pretrained(DIR)` loads it ready for chat.
+
+The special tokens sit at ids 0..4: `<|pad|>`, `<|bos|>`, `<|eos|>`, `<|im_start|>`, `<|im_end|>`.
+`Tokenizer` also wraps foreign Hugging Face tokenizers (Llama, GPT-2, Qwen2 ...); there bos / eos / pad come from
+`tokenizer_config.json` and the ids of missing special tokens are None.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+from functools import cached_property
+from pathlib import Path
+from typing import Iterable, Sequence
+
+import numpy as np
+
+from llmctl.errors import UserError
+
+PAD, BOS, EOS, IM_START, IM_END = "<|pad|>", "<|bos|>", "<|eos|>", "<|im_start|>", "<|im_end|>"
+SPECIAL_TOKENS = (PAD, BOS, EOS, IM_START, IM_END)
+PAD_ID, BOS_ID, EOS_ID, IM_START_ID, IM_END_ID = range(5)
+MIN_VOCAB_SIZE = 256 + len(SPECIAL_TOKENS) + 1  # the byte alphabet, the specials, and at least one merge
+DEFAULT_MODEL_MAX_LENGTH = 2048
+
+# ChatML: `<|bos|>` then `<|im_start|>role\ncontent<|im_end|>\n` per message.
+CHAT_TEMPLATE = (
+    "{{ bos_token }}"
+    "{% for message in messages %}"
+    "{{ '<|im_start|>' + message['role'] + '\\n' + message['content'] + '<|im_end|>' + '\\n' }}"
+    "{% endfor %}"
+    "{% if add_generation_prompt %}{{ '<|im_start|>assistant\\n' }}{% endif %}"
+)
+
+# Parts of tokenizer.json that decide the text <-> ids mapping; `Tokenizer.hash` covers exactly these, so
+# settings that transformers may rewrite on save (truncation, padding, post-processor) do not change it.
+_HASHED_KEYS = ("added_tokens", "normalizer", "pre_tokenizer", "decoder", "model")
+
+
+def _hf():
+    import tokenizers
+
+    return tokenizers
+
+
+def bytes_to_unicode() -> dict[int, str]:
+    """GPT-2's byte -> printable character table used by the ByteLevel pre-tokenizer."""
+    bs = list(range(ord("!"), ord("~") + 1)) + list(range(ord("¡"), ord("¬") + 1)) + list(range(ord("®"), ord("ÿ") + 1))
+    cs = bs[:]
+    n = 0
+    for b in range(256):
+        if b not in bs:
+            bs.append(b)
+            cs.append(256 + n)
+            n += 1
+    return dict(zip(bs, map(chr, cs)))
+
+
+class Tokenizer:
+    """A loaded tokenizer: `encode` / `decode` without implicit special tokens, plus the special ids."""
+
+    def __init__(self, hf_tokenizer, path: Path | None = None, config: dict | None = None):
+        self.hf = hf_tokenizer
+        self.path = path  # the tokenizer.json it was loaded from (None when trained in memory)
+        self.config = config or {}
+        self.vocab_size: int = hf_tokenizer.get_vocab_size(with_added_tokens=True)
+        self.pad_id = self._special_id("pad_token", PAD)
+        self.bos_id = self._special_id("bos_token", BOS)
+        self.eos_id = self._special_id("eos_token", EOS)
+        self.im_start_id = self.hf.token_to_id(IM_START)
+        self.im_end_id = self.hf.token_to_id(IM_END)
+
+    def _special_id(self, key: str, default: str) -> int | None:
+        tok = self.config.get(key)
+        if isinstance(tok, dict):
+            tok = tok.get("content")
+        return self.hf.token_to_id(tok if isinstance(tok, str) else default)
+
+    def __repr__(self) -> str:
+        return f"Tokenizer(vocab_size={self.vocab_size}, path={str(self.path)!r})"
+
+    # ------------------------------------------------------------------------------------------ encoding
+
+    def encode(self, text: str, allow_special: bool = False) -> list[int]:
+        """Ids of `text`, no special tokens added. Special-token strings inside `text` (e.g. a literal
+        `<|eos|>`) are encoded as plain text unless `allow_special`, which maps them to their ids."""
+        self.hf.encode_special_tokens = not allow_special
+        return self.hf.encode(text, add_special_tokens=False).ids
+
+    def encode_batch(self, texts: Sequence[str], allow_special: bool = False) -> list[list[int]]:
+        self.hf.encode_special_tokens = not allow_special
+        return [e.ids for e in self.hf.encode_batch(list(texts), add_special_tokens=False)]
+
+    def decode(self, ids: Iterable[int], skip_special_tokens: bool = False) -> str:
+        return self.hf.decode([int(i) for i in ids], skip_special_tokens=skip_special_tokens)
+
+    def id_to_token(self, i: int) -> str | None:
+        return self.hf.id_to_token(int(i))
+
+    # ------------------------------------------------------------------------------------------ chat
+
+    def render_chat(self, messages: Sequence[dict], add_generation_prompt: bool = False) -> str:
+        """The chat template as text (same string as transformers' `apply_chat_template(tokenize=False)`)."""
+        bos = self.id_to_token(self.bos_id) if self.bos_id is not None else ""
+        parts = [bos] + [f"{IM_START}{m['role']}\n{m['content']}{IM_END}\n" for m in messages]
+        if add_generation_prompt:
+            parts.append(f"{IM_START}assistant\n")
+        return "".join(parts)
+
+    def encode_chat(self, messages: Sequence[dict], add_generation_prompt: bool = False) -> tuple[list[int], list[int]]:
+        """(ids, loss_mask) of a ChatML conversation; the mask is 1 on assistant content and its `<|im_end|>`.
+
+        Roles, contents and separators are encoded one segment at a time, so a content that starts with
+        whitespace may tokenize slightly differently from encoding the rendered string in one go."""
+        if self.im_start_id is None or self.im_end_id is None:
+            raise UserError("this tokenizer has no <|im_start|> / <|im_end|> tokens; it cannot encode chats")
+        ids: list[int] = [] if self.bos_id is None else [self.bos_id]
+        mask: list[int] = [0] * len(ids)
+        newline = self.encode("\n")
+        for m in messages:
+            role, content = m["role"], m["content"]
+            head = [self.im_start_id] + self.encode(role + "\n")
+            body = self.encode(content) + [self.im_end_id]
+            train = 1 if role == "assistant" else 0
+            ids += head + body + newline
+            mask += [0] * len(head) + [train] * len(body) + [0] * len(newline)
+        if add_generation_prompt:
+            head = [self.im_start_id] + self.encode("assistant\n")
+            ids += head
+            mask += [0] * len(head)
+        return ids, mask
+
+    # ------------------------------------------------------------------------------------------ facts
+
+    def hash(self) -> str:
+        """sha256 of the canonical JSON of the parts of tokenizer.json that decide the text <-> ids mapping."""
+        return tokenizer_json_hash(json.loads(self.hf.to_str()))
+
+    @cached_property
+    def _token_bytes(self) -> np.ndarray:
+        specials = {t.content for t in self.hf.get_added_tokens_decoder().values() if t.special}
+        byte_level = "ByteLevel" in json.dumps(json.loads(self.hf.to_str()).get("decoder"))
+        unbyte = {c: b for b, c in bytes_to_unicode().items()}
+        out = np.zeros(self.vocab_size, dtype=np.int64)
+        for tok, i in self.hf.get_vocab(with_added_tokens=True).items():
+            if i >= self.vocab_size or tok in specials:
+                continue
+            if byte_level and all(c in unbyte for c in tok):
+                out[i] = len(tok)
+            elif len(tok) == 6 and tok.startswith("<0x") and tok.endswith(">"):  # sentencepiece byte fallback
+                out[i] = 1
+            else:
+                out[i] = len(tok.replace("\u2581", " ").encode("utf-8"))
+        return out
+
+    def token_bytes(self) -> np.ndarray:
+        """int64 [vocab_size]: how many UTF-8 bytes each token stands for (0 for special tokens)."""
+        return self._token_bytes.copy()
+
+    # ------------------------------------------------------------------------------------------ saving
+
+    def save(self, out_dir: str | Path, model_max_length: int | None = None) -> Path:
+        """Write tokenizer.json, tokenizer_config.json and special_tokens_map.json into `out_dir`."""
+        out_dir = Path(out_dir)
+        out_dir.mkdir(parents=True, exist_ok=True)
+        _atomic_write(out_dir / "tokenizer.json", self.hf.to_str(pretty=True))
+        names = {k: self.id_to_token(i) for k, i in
+                 (("bos_token", self.bos_id), ("eos_token", self.eos_id), ("pad_token", self.pad_id)) if i is not None}
+        max_len = model_max_length or self.config.get("model_max_length") or DEFAULT_MODEL_MAX_LENGTH
+        config = {
+            "tokenizer_class": "PreTrainedTokenizerFast",
+            **names,
+            "model_max_length": int(max_len),
+            "clean_up_tokenization_spaces": False,
+            "add_bos_token": False,
+            "add_eos_token": False,
+        }
+        if self.config.get("chat_template"):
+            config["chat_template"] = self.config["chat_template"]
+        elif self.im_start_id is not None and self.im_end_id is not None:
+            config["chat_template"] = CHAT_TEMPLATE
+        _atomic_write(out_dir / "tokenizer_config.json", json.dumps(config, indent=2, ensure_ascii=False) + "\n")
+        _atomic_write(out_dir / "special_tokens_map.json", json.dumps(names, indent=2, ensure_ascii=False) + "\n")
+        self.path = out_dir / "tokenizer.json"
+        self.config = config
+        return out_dir
+
+
+def tokenizer_json_hash(obj: dict) -> str:
+    """Canonical hash of a parsed tokenizer.json (see `Tokenizer.hash`)."""
+    core = {k: obj.get(k) for k in _HASHED_KEYS}
+    model = dict(core["model"] or {})
+    merges = model.get("merges")
+    if isinstance(merges, list):  # older `tokenizers` write merges as "a b" strings, newer as ["a", "b"]
+        model["merges"] = [m.split(" ", 1) if isinstance(m, str) else list(m) for m in merges]
+    core["model"] = model
+    core["added_tokens"] = sorted(({"id": t.get("id"), "content": t.get("content"), "special": t.get("special")}
+                                   for t in core["added_tokens"] or []), key=lambda t: t["id"])
+    canon = json.dumps(core, sort_keys=True, ensure_ascii=False, separators=(",", ":"))
+    return hashlib.sha256(canon.encode("utf-8")).hexdigest()
+
+
+def train_tokenizer(texts: Iterable[str] | Iterable[list[str]], vocab_size: int, length: int | None = None) -> Tokenizer:
+    """Train a byte-level BPE on `texts` (strings or batches of strings); `vocab_size` counts the specials.
+
+    Deterministic: the same texts and vocab_size give the same tokenizer.json. A corpus too small to fill the
+    vocabulary gives a smaller one."""
+    if vocab_size < MIN_VOCAB_SIZE:
+        raise UserError(f"vocab size must be at least {MIN_VOCAB_SIZE} (256 bytes + {len(SPECIAL_TOKENS)} special "
+                        f"tokens + 1), got {vocab_size}")
+    tk = _hf()
+    tok = tk.Tokenizer(tk.models.BPE())
+    tok.pre_tokenizer = tk.pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=True)
+    tok.decoder = tk.decoders.ByteLevel()
+    trainer = tk.trainers.BpeTrainer(
+        vocab_size=vocab_size,
+        special_tokens=[tk.AddedToken(t, special=True, normalized=False) for t in SPECIAL_TOKENS],
+        initial_alphabet=tk.pre_tokenizers.ByteLevel.alphabet(),
+        show_progress=False,
+    )
+    tok.train_from_iterator(texts, trainer=trainer, length=length)
+    for i, t in enumerate(SPECIAL_TOKENS):
+        assert tok.token_to_id(t) == i, f"special token {t} is not at id {i}"
+    return Tokenizer(tok, config={"model_max_length": DEFAULT_MODEL_MAX_LENGTH, "chat_template": CHAT_TEMPLATE})
+
+
+def find_tokenizer_file(path: str | Path) -> Path:
+    """A tokenizer.json file, a directory holding one, or a MODEL (model / run directory) -> the tokenizer.json."""
+    p = Path(path)
+    if p.is_file():
+        return p
+    if (p / "tokenizer.json").is_file():
+        return p / "tokenizer.json"
+    from llmctl.checkpoint import resolve_model_dir
+
+    return resolve_model_dir(p, need="tokenizer.json") / "tokenizer.json"
+
+
+def load_tokenizer(path: str | Path) -> Tokenizer:
+    """Load a tokenizer (see `find_tokenizer_file`); a missing or broken file is a UserError."""
+    file = find_tokenizer_file(path)
+    try:
+        text = file.read_text(encoding="utf-8")
+        hf = _hf().Tokenizer.from_str(text)
+    except (OSError, UnicodeDecodeError) as e:
+        raise UserError(f"cannot read tokenizer {file}: {e}") from e
+    except Exception as e:  # tokenizers raises plain Exception on malformed JSON
+        raise UserError(f"{file}: not a valid tokenizer.json ({str(e).splitlines()[0] if str(e) else e})") from e
+    config = {}
+    cfg_file = file.parent / "tokenizer_config.json"
+    if cfg_file.is_file():
+        try:
+            config = json.loads(cfg_file.read_text(encoding="utf-8"))
+        except (OSError, ValueError) as e:
+            raise UserError(f"{cfg_file}: invalid JSON ({e})") from e
+        if not isinstance(config, dict):
+            raise UserError(f"{cfg_file}: expected a JSON object")
+    return Tokenizer(hf, path=file, config=config)
+
+
+def _atomic_write(path: Path, text: str) -> None:
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    tmp.write_text(text, encoding="utf-8")
+    os.replace(tmp, path)

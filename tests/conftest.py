@@ -1,0 +1,57 @@
+"""Shared fixtures: a small text corpus and a tokenizer trained on it once per session (vocab 512)."""
+
+from __future__ import annotations
+
+import os
+
+import pytest
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
+
+TRICKY = [
+    "Hello, world!  Two spaces, a\ttab and a trailing space ",
+    "naïve café — “quotes” ‘single’ … ½ ∑ ∫ √ ≠ ≤",
+    "日本語のテキスト、中文文本，한국어 텍스트",
+    "emoji 🙂 👩‍👩‍👧‍👦 🇫🇷 skin 👍🏽 and keycap 1️⃣",
+    "combining: e\u0301 a\u0308 and zero width\u200bjoiner\u200d, bidi \u202eabc\u202c, עברית العربية",
+    "control \x00 \x01 \x7f bell\x07 and \r\n windows line",
+    "literal specials <|eos|> <|im_start|>user and <|pad|>",
+    "\n\n  leading newlines and trailing whitespace \n\t",
+    "def f(x):\n    return x ** 2  # code\n",
+    "",
+]
+
+
+def _corpus_text() -> str:
+    from llmctl.builtin import builtin_corpus
+
+    return "\n\n".join(builtin_corpus()[:120])
+
+
+@pytest.fixture(scope="session")
+def corpus_file(tmp_path_factory):
+    """A .txt corpus (~0.4 MB of builtin text plus tricky unicode), paragraphs separated by blank lines."""
+    path = tmp_path_factory.mktemp("corpus") / "corpus.txt"
+    extra = "\n\n".join(t.strip() for t in TRICKY if t.strip())
+    path.write_text(_corpus_text() + "\n\n" + extra + "\n", encoding="utf-8")
+    return path
+
+
+@pytest.fixture(scope="session")
+def tok_dir(tmp_path_factory, corpus_file):
+    """A directory with a vocab-512 tokenizer trained on corpus_file."""
+    from llmctl.data import read_corpus
+    from llmctl.tokenizer import train_tokenizer
+
+    out = tmp_path_factory.mktemp("tok")
+    ds = read_corpus([str(corpus_file)])
+    train_tokenizer(list(ds["text"]), vocab_size=512).save(out)
+    return out
+
+
+@pytest.fixture(scope="session")
+def tok(tok_dir):
+    from llmctl.tokenizer import load_tokenizer
+
+    return load_tokenizer(tok_dir)
