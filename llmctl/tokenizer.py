@@ -142,6 +142,10 @@ class Tokenizer:
 
     def hash(self) -> str:
         """sha256 of the canonical JSON of the parts of tokenizer.json that decide the text <-> ids mapping."""
+        return self._hash
+
+    @cached_property
+    def _hash(self) -> str:
         return tokenizer_json_hash(json.loads(self.hf.to_str()))
 
     @cached_property
