@@ -12,7 +12,7 @@ echo "== 1/4 train a byte-level BPE tokenizer on the builtin corpus" >&2
 [ -f "$D/tok/tokenizer.json" ] || $LLMCTL tokenize train builtin --vocab-size 4096 --out "$D/tok"
 
 echo "== 2/4 encode the corpus into token shards" >&2
-[ -f "$D/data/meta.json" ] || $LLMCTL tokenize encode builtin --tokenizer "$D/tok" --out "$D/data" --val-fraction 0.02
+[ -f "$D/data/meta.json" ] || $LLMCTL tokenize encode builtin --tokenizer "$D/tok" --out "$D/data" --val-fraction 0.05
 
 echo "== 3/4 pretrain a small llama ($STEPS steps)" >&2
 $LLMCTL pretrain recipes/tiny/pretrain.yaml out_dir="$D/pretrain" tokenizer="$D/tok" data.train="$D/data" \

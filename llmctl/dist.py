@@ -25,7 +25,11 @@ class Dist:
             # accelerate takes a CPU multi-process run from this variable (as `accelerate launch --cpu` sets it).
             os.environ.setdefault("ACCELERATE_USE_CPU", "true")
         from accelerate import Accelerator
+        from accelerate.state import AcceleratorState
 
+        # One process may train several times (tests, benchmarks, the Python API) with other precisions: start
+        # accelerate's mixed-precision state afresh (the process group, in PartialState, is kept).
+        AcceleratorState._reset_state(reset_partial_state=False)
         mp = {"fp32": "no", "bf16": "bf16", "fp16": "fp16"}[precision]
         self.accelerator = Accelerator(mixed_precision=mp)
         self.precision = precision
