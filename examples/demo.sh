@@ -5,7 +5,7 @@ set -euo pipefail
 PYTHON=${PYTHON:-python3}
 LLMCTL="$PYTHON -m llmctl"
 D=${DEMO_DIR:-runs/demo}
-STEPS=${DEMO_STEPS:-600}
+STEPS=${DEMO_STEPS:-1000}
 mkdir -p "$D"
 
 echo "== 1/4 train a byte-level BPE tokenizer on the builtin corpus" >&2

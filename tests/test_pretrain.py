@@ -114,12 +114,21 @@ def test_grad_accumulation_equals_large_batch(data, tmp_path):
         assert math.isclose(a[s], b[s], rel_tol=1e-5), (s, a[s], b[s])
 
 
-def test_torchrun_two_processes_equal_one(data, tmp_path):
+LAUNCHERS = {
+    "torchrun": [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2", "--master-port", "29533"],
+    "accelerate": [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2",
+                   "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no",
+                   "--main_process_port", "29534"],
+}
+
+
+@pytest.mark.parametrize("launcher", sorted(LAUNCHERS))
+def test_two_processes_equal_one(data, tmp_path, launcher):
     one, two = tmp_path / "one", tmp_path / "two"
     pretrain(data, one, "train.max_steps=4", "train.micro_batch_size=4", "train.grad_accum=2")
-    torchrun = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2", "--master-port", "29533"]
-    pretrain(data, two, "train.max_steps=4", "train.micro_batch_size=4", "train.grad_accum=1",
-             launcher=torchrun, env={"OMP_NUM_THREADS": "1"})
+    r = pretrain(data, two, "train.max_steps=4", "train.micro_batch_size=4", "train.grad_accum=1",
+                 launcher=LAUNCHERS[launcher], env={"OMP_NUM_THREADS": "1"})
+    assert "2 process(es)" in r.stderr
     a, b = losses(one), losses(two)
     assert sorted(a) == sorted(b) == [1, 2, 3, 4]
     for s in a:
