@@ -7,9 +7,11 @@ and the same dtype (fp32, or bf16 autocast). llmctl runs through `llmctl.loop.tr
 `llmctl pretrain`); the baseline is the textbook transformers loop: `model(input_ids, labels=...).loss`,
 backward, clip, step. The sides alternate for `--rounds` rounds and the best round of each is kept.
 
-    python benchmarks/pretrain_vs_hf.py [--precision fp32 bf16] [--steps 20] [--compile]
+    python benchmarks/pretrain_vs_hf.py [--precision fp32 bf16] [--steps 20] [--modes eager compiled]
 
-Prints one JSON document on stdout; the ratio is llmctl tokens/s over transformers tokens/s.
+llmctl runs in two modes: `eager`, and `compiled` (`train.compile: true`, as the GPU recipes set it; its
+compilation happens in the warm-up steps, which are not timed). The baseline is always transformers eager.
+Prints one JSON document on stdout; each ratio is llmctl tokens/s over transformers tokens/s.
 """
 
 from __future__ import annotations
@@ -38,7 +40,7 @@ def batches(vocab, batch, block, steps, seed=0):
     return [torch.randint(0, vocab, (batch, block + 1), generator=g) for _ in range(steps)]
 
 
-def run_llmctl(cfg: ModelConfig, data, args, precision: str) -> float:
+def run_llmctl(cfg: ModelConfig, data, args, precision: str, compile: bool) -> float:
     torch.manual_seed(0)
     model = Transformer(cfg)
     model.init_weights()
@@ -46,7 +48,7 @@ def run_llmctl(cfg: ModelConfig, data, args, precision: str) -> float:
         recipe = from_dict(PretrainRecipe, {
             "out_dir": out, "tokenizer": "-", "data": {"train": "-"},
             "train": {"max_steps": len(data), "micro_batch_size": args.batch, "precision": precision,
-                      "eval_every": 0, "save_every": 0, "log_every": 1, "grad_clip": 1.0, "compile": args.compile},
+                      "eval_every": 0, "save_every": 0, "log_every": 1, "grad_clip": 1.0, "compile": compile},
             "optim": {"lr": 3e-4, "warmup_steps": 2, "weight_decay": 0.1}})
         task = loop.Task(model=model, batches=lambda s: [{"idx": data[s][:, :-1], "targets": data[s][:, 1:]}],
                          loss=lambda m, b: m(b["idx"], b["targets"]), count=lambda b: b["targets"].numel(),
@@ -97,7 +99,7 @@ def main():
     ap.add_argument("--n-head", type=int, default=8)
     ap.add_argument("--vocab", type=int, default=8192)
     ap.add_argument("--threads", type=int, default=None)
-    ap.add_argument("--compile", action="store_true", help="llmctl side with train.compile=true")
+    ap.add_argument("--modes", nargs="+", default=["eager", "compiled"], choices=["eager", "compiled"])
     args = ap.parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -106,13 +108,16 @@ def main():
     data = batches(args.vocab, args.batch, args.block, args.steps)
     results = {}
     for precision in args.precision:
-        best = {"llmctl": 0.0, "transformers": 0.0}
+        best = dict.fromkeys(["transformers", *args.modes], 0.0)
         for _ in range(args.rounds):
             best["transformers"] = max(best["transformers"], run_hf(cfg, data, args, precision))
-            best["llmctl"] = max(best["llmctl"], run_llmctl(cfg, data, args, precision))
-        results[precision] = {"llmctl_tok_per_s": round(best["llmctl"], 1),
-                              "transformers_tok_per_s": round(best["transformers"], 1),
-                              "ratio": round(best["llmctl"] / best["transformers"], 3)}
+            for mode in args.modes:
+                best[mode] = max(best[mode], run_llmctl(cfg, data, args, precision, mode == "compiled"))
+        res = {"transformers_tok_per_s": round(best["transformers"], 1)}
+        for mode in args.modes:
+            res[f"llmctl_{mode}_tok_per_s"] = round(best[mode], 1)
+            res[f"ratio_{mode}"] = round(best[mode] / best["transformers"], 3)
+        results[precision] = res
     n_params = sum(p.numel() for p in Transformer(cfg).parameters())
     print(json.dumps({
         "benchmark": "pretrain_vs_hf", "baseline": "transformers LlamaForCausalLM training loop",
@@ -120,7 +125,7 @@ def main():
                   "vocab_size": cfg.vocab_size, "params": n_params,
                   "params_non_embedding": n_params - 2 * cfg.vocab_size * cfg.n_embd},
         "batch": args.batch, "steps_timed": args.steps - args.warmup, "rounds": args.rounds,
-        "llmctl_compile": args.compile, "threads": torch.get_num_threads(), "torch": torch.__version__,
+        "threads": torch.get_num_threads(), "torch": torch.__version__,
         "machine": platform.machine(), "results": results}, indent=2))
 
 
