@@ -85,6 +85,8 @@ def _atomic_write(path: Path, text: str):
 def _prepare_run_dir(recipe, out: Path, resume: Optional[Path], start_step: int):
     """Write config.yaml; on resume, check the recipe and drop metrics logged after the checkpoint."""
     out.mkdir(parents=True, exist_ok=True)
+    for stale in (out / "checkpoints").glob(".tmp-*"):  # left by a crash or a kill mid-save
+        shutil.rmtree(stale, ignore_errors=True)
     cfg_path = out / "config.yaml"
     if resume is not None and cfg_path.exists():
         import yaml

@@ -155,26 +155,36 @@ def test_transformers_loss_matches_val_loss(data, tmp_path):
     assert math.isclose(loss, val["val_loss"], rel_tol=1e-4), (loss, val["val_loss"])
 
 
-def test_sigterm_saves_at_step_boundary_and_resumes(data, tmp_path):
-    out = tmp_path / "run"
+def test_sigterm_saves_at_step_boundary_and_the_same_command_resumes_exactly(data, tmp_path):
+    """Interrupt a cosine-schedule run with SIGTERM, run the very same command again: every loss equals those
+    of an uninterrupted run."""
+    steps = ["train.max_steps=150", "train.save_every=0", "train.eval_every=50"]
+    straight, out = tmp_path / "straight", tmp_path / "run"
+    pretrain(data, straight, *steps)
     args = [sys.executable, "-m", "llmctl", "pretrain", RECIPE, f"out_dir={out}", f"tokenizer={data / 'tok'}",
-            f"data.train={data / 'shards'}", *TINY, "train.max_steps=100000", "train.save_every=0"]
+            f"data.train={data / 'shards'}", *TINY, *steps]
     p = subprocess.Popen(list(map(str, args)), cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     deadline = time.time() + 120
     while time.time() < deadline:
         m = out / "metrics.jsonl"
         if m.exists() and sum(1 for line in m.read_text().splitlines() if '"loss"' in line) >= 3:
             break
-        time.sleep(0.2)
+        time.sleep(0.05)
     p.send_signal(signal.SIGTERM)
     _, err = p.communicate(timeout=120)
     assert p.returncode == 0, err
     assert "SIGTERM" in err
-    last = max(losses(out))
-    cks = sorted((out / "checkpoints").iterdir())
-    assert [c.name for c in cks] == [f"step-{last:07d}"]
-    r = pretrain(data, out, f"train.max_steps={last + 2}")
-    assert max(losses(out)) == last + 2 and "resuming" in r.stderr
+    first = max(losses(out))
+    assert first < 150, "the run ended before the signal arrived"
+    assert [c.name for c in (out / "checkpoints").iterdir()] == [f"step-{first:07d}"]
+    r = pretrain(data, out, *steps)
+    assert "resuming" in r.stderr
+    a, b = losses(straight), losses(out)
+    assert sorted(b) == list(range(1, 151))
+    assert all(a[s] == b[s] for s in a), [(s, a[s], b[s]) for s in a if a[s] != b[s]][:3]
+    va = {e["step"]: e["val_loss"] for e in events(straight) if "val_loss" in e}
+    vb = {e["step"]: e["val_loss"] for e in events(out) if "val_loss" in e}
+    assert va == vb
 
 
 def test_nonfinite_loss_never_reaches_weights(data, tmp_path):
