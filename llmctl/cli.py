@@ -161,6 +161,62 @@ def pretrain(
     stage.run(cfg)
 
 
+# --------------------------------------------------------------------------------------------- generate
+
+
+@app.command("generate")
+@_guard
+def generate(
+    prompt: Optional[str] = typer.Argument(None, help="The prompt. Without it: one prompt per stdin line, one "
+                                           "completion per stdout line (backslash, newline and CR escaped as "
+                                           "\\\\, \\n, \\r); an empty line is an empty prompt (the model "
+                                           "starts from BOS alone)."),
+    model: Path = typer.Option(..., "--model", help="A model directory, a checkpoint, a run directory (its newest "
+                               "checkpoint) or a local Hugging Face Llama / GPT-2 folder."),
+    max_new_tokens: Optional[int] = typer.Option(None, "--max-new-tokens", help="At most this many new tokens "
+                                                 "(default 128, or half the context if less). A longer prompt "
+                                                 "than the context leaves room for keeps its BOS and its last "
+                                                 "tokens, with a warning on stderr."),
+    temperature: float = typer.Option(1.0, "--temperature", help="0 = greedy."),
+    top_k: int = typer.Option(0, "--top-k", help="Sample from the k most likely tokens (0 = off)."),
+    top_p: float = typer.Option(1.0, "--top-p", help="Nucleus sampling, in (0, 1] (1 = off)."),
+    min_p: float = typer.Option(0.0, "--min-p", help="Drop tokens less likely than min_p x the top one (0 = off)."),
+    repetition_penalty: float = typer.Option(1.0, "--repetition-penalty", help="> 1 penalises tokens already in "
+                                             "the prompt or completion (transformers' rule)."),
+    frequency_penalty: float = typer.Option(0.0, "--frequency-penalty", help="Subtracted per occurrence in the "
+                                            "completion."),
+    presence_penalty: float = typer.Option(0.0, "--presence-penalty", help="Subtracted once a token occurs in the "
+                                           "completion."),
+    num_beams: int = typer.Option(1, "--num-beams", help="Beam search with this many beams (temperature, "
+                                  "top-k/p and min-p are ignored)."),
+    length_penalty: float = typer.Option(1.0, "--length-penalty", help="Beam search: score = logprob / "
+                                         "length ** length_penalty."),
+    stop: Optional[List[str]] = typer.Option(None, "--stop", help="Stop string, repeatable (\\n, \\t "
+                                             "understood); the completion ends before it."),
+    seed: Optional[int] = typer.Option(None, "--seed", help="Reproducible sampling: prompt N (from 0) uses "
+                                       "seed + N."),
+    json_mode: bool = typer.Option(False, "--json", help="JSONL out ({id, completion, finish_reason, "
+                                   "prompt_tokens, completion_tokens}); an input line starting with { is an "
+                                   "object ({prompt | messages, id, sampling overrides}), another line a plain "
+                                   "prompt; blank lines are skipped."),
+    chat: bool = typer.Option(False, "--chat", help="Apply the tokenizer's chat template (a prompt is a user "
+                              "message)."),
+    batch_size: int = typer.Option(8, "--batch-size", help="Stdin prompts generated together."),
+    device: Optional[str] = typer.Option(None, "--device", help="cpu, cuda, cuda:1 ... (default: cuda if "
+                                         "available)."),
+):
+    """Generate text: a PROMPT, or one prompt per stdin line (or JSONL with --json)."""
+    if batch_size < 1:
+        _fail(f"--batch-size must be at least 1, got {batch_size}")
+    from llmctl.stages import generate as stage
+
+    flags = dict(max_new_tokens=max_new_tokens, temperature=temperature, top_k=top_k, top_p=top_p, min_p=min_p,
+                 repetition_penalty=repetition_penalty, frequency_penalty=frequency_penalty,
+                 presence_penalty=presence_penalty, num_beams=num_beams, length_penalty=length_penalty,
+                 stop=tuple(stage.unescape(s) for s in stop or ()), seed=seed)
+    stage.run(model, prompt, flags, json_mode=json_mode, chat=chat, batch_size=batch_size, device=device)
+
+
 def main() -> None:
     app()
 

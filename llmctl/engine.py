@@ -1,0 +1,639 @@
+"""Text generation: the one engine behind `llmctl generate`, evaluation and RL rollouts.
+
+    engine = Engine(model, tokenizer)
+    results = engine.generate([ids_a, ids_b], SamplingParams(max_new_tokens=64, top_p=0.9, seed=0))
+    for delta in (s := engine.stream(ids, params)): print(delta, end="")     # s.result once exhausted
+
+Prompts are lists of token ids (the caller adds BOS / applies a chat template). A batch is left-padded and
+prefilled in one forward pass (padding mask + position ids), then decoded one token per step into a
+preallocated KV cache; every row stops on its own (EOS or stop token, stop string, max_new_tokens) and the
+rows that finished early are dropped from the batch once they are half of it.
+
+Sampling is vectorised over the batch with per-row settings: repetition penalty (on prompt and completion
+tokens, as in transformers), frequency / presence penalties (completion tokens, as in OpenAI / vLLM), then
+temperature (0 = greedy), top-k, top-p, min-p, in transformers' order. A sampled row draws its uniforms from
+its own torch.Generator seeded with `SamplingParams.seed`, so the same prompt and seed give the same tokens
+whatever else is in the batch, as long as the batch computes the same logits: batch size and padding
+change float rounding in the matmuls, which can flip a near-tie (fp32 on CPU: practically never).
+
+Beam search (num_beams > 1) runs one prompt at a time, with transformers' algorithm and defaults
+(early_stopping=False, length_penalty on the completion length); temperature, top-k/p and min-p are ignored.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass
+from typing import Iterator, Sequence
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+FINISH_REASONS = ("stop", "length", "eos")
+
+
+@dataclass(frozen=True)
+class SamplingParams:
+    max_new_tokens: int = 128
+    temperature: float = 1.0  # 0 = greedy
+    top_k: int = 0  # 0 = off
+    top_p: float = 1.0  # 1 = off
+    min_p: float = 0.0  # 0 = off
+    repetition_penalty: float = 1.0  # > 1 discourages tokens of the prompt and the completion
+    frequency_penalty: float = 0.0  # subtracted from a logit once per occurrence in the completion
+    presence_penalty: float = 0.0  # subtracted once if the token occurs in the completion
+    num_beams: int = 1
+    length_penalty: float = 1.0  # beam search: score = logprob / completion_length ** length_penalty
+    stop: tuple[str, ...] = ()  # stop strings: the text ends before the first one
+    stop_token_ids: tuple[int, ...] = ()  # extra end-of-sequence tokens (e.g. <|im_end|> for chat)
+    seed: int | None = None  # None: drawn from torch's global generator
+    ignore_eos: bool = False  # generate exactly max_new_tokens (benchmarks)
+
+    def __post_init__(self):
+        stop = (self.stop,) if isinstance(self.stop, str) else tuple(self.stop)
+        object.__setattr__(self, "stop", stop)
+        object.__setattr__(self, "stop_token_ids", tuple(int(t) for t in self.stop_token_ids))
+        checks = [
+            ("max_new_tokens", isinstance(self.max_new_tokens, int) and self.max_new_tokens >= 0, "an integer >= 0"),
+            ("temperature", self.temperature >= 0, ">= 0"),
+            ("top_k", isinstance(self.top_k, int) and self.top_k >= 0, "an integer >= 0"),
+            ("top_p", 0 < self.top_p <= 1, "in (0, 1]"),
+            ("min_p", 0 <= self.min_p <= 1, "in [0, 1]"),
+            ("repetition_penalty", self.repetition_penalty > 0, "> 0"),
+            ("num_beams", isinstance(self.num_beams, int) and self.num_beams >= 1, "an integer >= 1"),
+            ("stop", all(isinstance(s, str) and s for s in stop), "non-empty strings"),
+        ]
+        for name, ok, what in checks:
+            if not ok:
+                raise ValueError(f"{name} must be {what}, got {getattr(self, name)!r}")
+
+    def replace(self, **changes) -> "SamplingParams":
+        return dataclasses.replace(self, **changes)
+
+
+@dataclass
+class Result:
+    text: str  # the completion (special tokens skipped), cut before a stop string
+    tokens: list[int]  # every generated id, the final EOS / stop token included
+    finish_reason: str  # "eos" | "stop" | "length"
+    prompt_tokens: int
+    score: float | None = None  # beam search: the length-normalised log-probability
+
+    @property
+    def completion_tokens(self) -> int:
+        return len(self.tokens)
+
+
+def sample(logits, u, temperature, top_k=None, top_p=None, min_p=None):
+    """Draw one token per row from softmax(logits / temperature) truncated by top-k, then top-p, then min-p
+    (each renormalised; the most likely token always survives), by inverting the CDF at the uniforms u [B].
+    logits [B, V] fp32; temperature [B] > 0; top_k [B] long (0 = off); top_p [B] (1 = off); min_p [B] (0 = off);
+    None = off for every row. The truncations become one probability threshold per row, found on the sorted
+    probabilities (values only: no argsort), and the CDF is taken in vocabulary order, so a row's token depends
+    only on its own logits and uniform. Ties at a threshold are all kept (as transformers' top-k does)."""
+    B, V = logits.shape
+    p = torch.softmax(logits / temperature[:, None], dim=-1)
+    thr = None
+    if top_k is not None or top_p is not None:
+        ps = _sort_desc(p)  # [B, V]
+        k = torch.where(top_k > 0, top_k.clamp(max=V), V) if top_k is not None else torch.full_like(u, V, dtype=torch.long)
+        thr = ps.gather(1, (k - 1)[:, None])[:, 0] if top_k is not None else torch.zeros_like(u)
+        if top_p is not None:  # keep sorted position j while the mass before it is < top_p (of the top-k mass)
+            cs = ps.cumsum(dim=-1)
+            mass = cs.gather(1, (k - 1)[:, None])
+            keep = ((cs - ps) < top_p[:, None] * mass).sum(dim=-1).clamp_(min=1)
+            keep = torch.minimum(keep, k)
+            thr = torch.where(top_p < 1, torch.maximum(thr, ps.gather(1, (keep - 1)[:, None])[:, 0]), thr)
+        if min_p is not None:
+            thr = torch.maximum(thr, min_p * ps[:, 0])
+    elif min_p is not None:
+        thr = min_p * p.amax(dim=-1)
+    if thr is not None:
+        p = p.masked_fill(p < thr[:, None], 0.0)
+    cdf = p.cumsum(dim=-1)
+    tok = torch.searchsorted(cdf, (u * cdf[:, -1])[:, None], right=True)[:, 0]
+    return tok.clamp_(max=V - 1)
+
+
+def _sort_desc(x: torch.Tensor) -> torch.Tensor:
+    """Values of x [B, V] sorted descending along the last dim (numpy's SIMD sort on CPU: ~20x torch's)."""
+    if x.device.type == "cpu" and x.dtype == torch.float32:
+        return torch.from_numpy(np.sort(-x.numpy(), axis=-1)).neg_()
+    return x.sort(dim=-1, descending=True).values
+
+
+def argmax(x: torch.Tensor) -> torch.Tensor:
+    """argmax over the last dim of x [B, V] (numpy's on CPU: ~20x faster than torch's there)."""
+    if x.device.type == "cpu" and x.dtype == torch.float32:
+        return torch.from_numpy(np.argmax(x.numpy(), axis=-1))
+    return x.argmax(dim=-1)
+
+
+def _eos_ids(model, tokenizer) -> set[int]:
+    ids = {getattr(tokenizer, "eos_id", None), model.config.eos_token_id}
+    return {int(i) for i in ids if i is not None}
+
+
+def _base(model):
+    """The llmctl Transformer inside peft / torch.compile / DDP wrappers (LoRA layers stay active)."""
+    if hasattr(model, "get_base_model"):
+        model = model.get_base_model()
+    while hasattr(model, "_orig_mod") or hasattr(model, "module"):
+        model = getattr(model, "_orig_mod", None) or model.module
+    return model
+
+
+class FastDecode:
+    """The one-token decode step of a plain llmctl Transformer, with fewer and faster ops than its forward:
+    q/k/v and gate/up projections fused, weights stored transposed ([in, out]: ~1.5x faster small-batch matmuls
+    on CPU), residual adds fused into the output projections. Same math as `Transformer.forward` with a KV cache
+    (tests hold the logits to 1e-5). The weights are copies, rebuilt when the model's parameters change
+    (`refresh`); `share=True` instead points the model's own Linear weights at them (no extra memory; the model
+    then serves inference only). Not for wrapped layers (LoRA): see `supported`."""
+
+    def __init__(self, model, share: bool = False):
+        self.model, self.cfg, self.share = model, model.config, share
+        self._build()
+
+    @staticmethod
+    def supported(model) -> bool:
+        lin = [m for m in model.modules() if isinstance(m, torch.nn.Linear)]
+        return all(type(m) is torch.nn.Linear for m in lin)
+
+    def _version(self) -> int:
+        return sum(p._version for p in self.model.parameters())
+
+    def refresh(self) -> None:
+        if not self.share and self._version() != self.version:
+            self._build()
+
+    @torch.no_grad()
+    def _build(self) -> None:
+        cfg, m = self.cfg, self.model
+        self.layers = []
+        for blk in m.blocks:
+            if cfg.arch == "llama":
+                a, mlp = blk.self_attn, blk.mlp
+                qkv = self._fuse(a.q_proj, a.k_proj, a.v_proj)
+                gu = self._fuse(mlp.gate_proj, mlp.up_proj)
+                self.layers.append((blk.input_layernorm.weight, *qkv, *self._fuse(a.o_proj),
+                                    blk.post_attention_layernorm.weight, *gu, *self._fuse(mlp.down_proj)))  # fmt: skip
+            else:
+                self.layers.append((blk.ln_1, *self._fuse(blk.attn.c_attn), *self._fuse(blk.attn.c_proj), blk.ln_2,
+                                    *self._fuse(blk.mlp.c_fc), *self._fuse(blk.mlp.c_proj)))  # fmt: skip
+        if cfg.tie_embeddings:  # the embedding keeps its layout: a transposed copy, or a view when sharing
+            self.lm_head = m.lm_head.weight.detach().t() if self.share else m.lm_head.weight.detach().t().contiguous()
+        else:
+            self.lm_head = self._fuse(m.lm_head)[0]
+        if cfg.arch == "llama":
+            half, dtype = cfg.head_dim // 2, m.lm_head.weight.dtype
+            sign = torch.cat([-torch.ones(half), torch.ones(half)]).to(m.rope_sin)
+            # rotate_half(x) * sin == flip_halves(x) * (sign * sin)
+            self.cos, self.sin = m.rope_cos.to(dtype), (m.rope_sin * sign).to(dtype)
+        self.version = self._version()
+
+    def _fuse(self, *lins):
+        """The Linear layers' weights concatenated along `out` and transposed to [in, out]; their bias (or None)."""
+        w = torch.cat([lin.weight.detach() for lin in lins]).t().contiguous()
+        b = torch.cat([lin.bias.detach() for lin in lins]) if lins[0].bias is not None else None
+        if self.share:  # the model's weights become views of the fused copy
+            o = 0
+            for lin in lins:
+                n = lin.weight.size(0)
+                lin.weight.data = w[:, o : o + n].t()
+                if b is not None:
+                    lin.bias.data = b[o : o + n]
+                o += n
+        return w, b
+
+    def __call__(self, x, cache, position=None, mask=None):
+        """x [B] next tokens; position [B] their positions (None: cache.pos for all); mask [B, cache.pos + 1]
+        key mask (None: attend to all) -> logits [B, V] (fp32). Writes the cache and advances cache.pos."""
+        cfg, P = self.cfg, cache.pos
+        B, nh, nkv, hd = x.size(0), cfg.n_head, cfg.n_kv_head, cfg.head_dim
+        if P + 1 > cache.max_len:
+            raise ValueError(f"KV cache full: {P + 1} positions needed, max_len is {cache.max_len}")
+        am = None if mask is None else mask[:, None, None, :]  # [B, 1, 1, P+1]
+        llama = cfg.arch == "llama"
+        if llama:
+            h = self.model.model.embed_tokens(x)  # [B, C]
+            pos = P if position is None else position
+            cos, sin = self.cos[pos], self.sin[pos]  # [hd] or [B, hd]
+            if position is not None:
+                cos, sin = cos[:, None], sin[:, None]  # [B, 1, hd]
+        else:
+            pos = torch.full_like(x, P) if position is None else position
+            h = self.model.transformer.wte(x) + self.model.transformer.wpe(pos)
+        for i, layer in enumerate(self.layers):
+            if llama:
+                ln1, wqkv, bqkv, wo, bo, ln2, wgu, _, wd, _ = layer
+                xn = _rms(h, ln1, cfg.norm_eps)
+                qkv = (xn @ wqkv if bqkv is None else torch.addmm(bqkv, xn, wqkv)).view(B, nh + 2 * nkv, hd)
+                qk = qkv[:, : nh + nkv]
+                qk = torch.addcmul(qk * cos, qk.view(B, nh + nkv, 2, hd // 2).flip(2).view(B, nh + nkv, hd), sin)
+                q, k, v = qk[:, :nh], qk[:, nh:], qkv[:, nh + nkv :]
+            else:
+                ln1, wqkv, bqkv, wo, bo, ln2, wfc, bfc, wp, bp = layer
+                xn = F.layer_norm(h, ln1.normalized_shape, ln1.weight, ln1.bias, ln1.eps)
+                qkv = torch.addmm(bqkv, xn, wqkv).view(B, 3 * nh, hd)
+                q, k, v = qkv[:, :nh], qkv[:, nh : 2 * nh], qkv[:, 2 * nh :]
+            kc, vc = cache.k[i], cache.v[i]
+            kc[:, :, P] = k
+            vc[:, :, P] = v
+            y = F.scaled_dot_product_attention(q[:, :, None], kc[:, :, : P + 1], vc[:, :, : P + 1], attn_mask=am,
+                                               enable_gqa=nkv != nh)  # fmt: skip
+            h = torch.addmm(h, y.view(B, nh * hd), wo)  # residual add fused
+            if bo is not None:
+                h = h + bo
+            if llama:
+                gu = _rms(h, ln2, cfg.norm_eps) @ wgu
+                inter = gu.size(1) // 2
+                h = torch.addmm(h, F.silu(gu[:, :inter]) * gu[:, inter:], wd)
+            else:
+                xn = F.layer_norm(h, ln2.normalized_shape, ln2.weight, ln2.bias, ln2.eps)
+                h = torch.addmm(h, F.gelu(torch.addmm(bfc, xn, wfc), approximate="tanh"), wp) + bp
+        cache.pos = P + 1
+        m = self.model
+        h = _rms(h, m.model.norm.weight, cfg.norm_eps) if llama else m.transformer.ln_f(h)
+        return (h @ self.lm_head).float()
+
+
+def _rms(x, w, eps):
+    """RMSNorm exactly as llmctl.model.RMSNorm (fp32 statistics)."""
+    xf = x.float()
+    return w * (xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + eps)).to(x.dtype)
+
+
+class _Batch:
+    """Per-row decoding state of a sampled batch; `keep(rows)` drops finished rows (cache included)."""
+
+    def __init__(self, engine: "Engine", prompts, params, rows):
+        m, dev = engine.model, engine.device
+        self.rows = list(rows)  # indices into the caller's list
+        self.params = [params[i] for i in rows]
+        lens = [len(prompts[i]) for i in rows]
+        B, L = len(rows), max(lens)
+        self.limit = [min(p.max_new_tokens, engine.block_size - n) for p, n in zip(self.params, lens)]
+        self.N = max(self.limit)
+        self.padded = min(lens) != L
+        pad = engine.pad_id
+        idx = torch.full((B, L), pad, dtype=torch.long)
+        self.mask = torch.ones(B, L + self.N, dtype=torch.bool)  # key mask: False on left padding
+        for r, i in enumerate(rows):
+            idx[r, L - lens[r] :] = torch.tensor(prompts[i], dtype=torch.long)
+            self.mask[r, : L - lens[r]] = False
+        self.idx, self.mask = idx.to(dev), self.mask.to(dev)
+        self.lens = torch.tensor(lens, device=dev)  # position of each row's next token
+        self.L = L
+        self.cache = m.new_cache(B, L + self.N)
+        f = lambda name: torch.tensor([float(getattr(p, name)) for p in self.params], device=dev)  # noqa: E731
+        self.greedy = torch.tensor([p.temperature == 0 for p in self.params], device=dev)
+        self.all_greedy = bool(self.greedy.all())
+        self.any_greedy = bool(self.greedy.any())
+        self.temp = torch.where(self.greedy, 1.0, f("temperature"))
+        self.top_k = torch.tensor([p.top_k for p in self.params], device=dev) if any(p.top_k for p in self.params) else None
+        self.top_p = f("top_p") if any(p.top_p < 1 for p in self.params) else None
+        self.min_p = f("min_p") if any(p.min_p > 0 for p in self.params) else None
+        self.rep = f("repetition_penalty") if any(p.repetition_penalty != 1 for p in self.params) else None
+        self.freq = f("frequency_penalty") if any(p.frequency_penalty or p.presence_penalty for p in self.params) else None
+        self.pres = f("presence_penalty") if self.freq is not None else None
+        V = m.config.vocab_size
+        self.seen = self.counts = None
+        if self.rep is not None:  # tokens of the prompt and the completion
+            self.seen = torch.zeros(B, V, dtype=torch.bool, device=dev)
+            for r, i in enumerate(rows):
+                self.seen[r, torch.tensor(prompts[i], dtype=torch.long, device=dev)] = True
+        if self.freq is not None:  # occurrences in the completion
+            self.counts = torch.zeros(B, V, dtype=torch.float32, device=dev)
+        self.u = None
+        if not self.all_greedy:  # every uniform a row will use, drawn from its own generator
+            self.u = torch.zeros(B, self.N, device=dev)
+            for r, p in enumerate(self.params):
+                if p.temperature > 0:
+                    g = torch.Generator(device=dev).manual_seed(engine.seed_of(p))
+                    u = torch.rand(p.max_new_tokens, generator=g, device=dev)[: self.N]
+                    self.u[r, : u.numel()] = u
+        eos = [sorted(engine.eos_ids | set(p.stop_token_ids)) if not p.ignore_eos else list(p.stop_token_ids)
+               for p in self.params]  # fmt: skip
+        self.eos = [set(e) for e in eos]
+        self.stops = [p.stop for p in self.params]
+        self.stop_tail = [max(map(len, s)) + 8 if s else 0 for s in self.stops]
+
+    def keep(self, keep: list[int]) -> None:
+        """Keep only the batch positions `keep` (ascending)."""
+        ix = torch.tensor(keep, device=self.lens.device)
+        c = self.cache
+        for lst in (c.k, c.v):
+            for i, buf in enumerate(lst):
+                lst[i] = buf.index_select(0, ix)
+        for name in ("mask", "lens", "greedy", "temp", "top_k", "top_p", "min_p", "rep", "freq", "pres", "seen",
+                     "counts", "u"):  # fmt: skip
+            t = getattr(self, name)
+            if t is not None:
+                setattr(self, name, t.index_select(0, ix))
+        for name in ("rows", "params", "limit", "eos", "stops", "stop_tail"):
+            lst = getattr(self, name)
+            setattr(self, name, [lst[i] for i in keep])
+
+    def select(self, logits: torch.Tensor, t: int) -> torch.Tensor:
+        """Next token per row [B] from the last logits [B, V] (fp32) at decode step t."""
+        if self.rep is not None:
+            r = self.rep[:, None]
+            logits = torch.where(self.seen, torch.where(logits < 0, logits * r, logits / r), logits)
+        if self.freq is not None:
+            logits = logits - self.freq[:, None] * self.counts - self.pres[:, None] * (self.counts > 0)
+        if self.all_greedy:
+            return argmax(logits)
+        tok = sample(logits, self.u[:, t], self.temp, self.top_k, self.top_p, self.min_p)
+        return torch.where(self.greedy, argmax(logits), tok) if self.any_greedy else tok
+
+    def observe(self, tok: torch.Tensor) -> None:
+        """Record the new tokens [B] for the penalties."""
+        if self.seen is not None:
+            self.seen.scatter_(1, tok[:, None], True)
+        if self.counts is not None:
+            self.counts.scatter_add_(1, tok[:, None], torch.ones_like(self.counts[:, :1]))
+
+
+class Stream:
+    """Iterator of text deltas for one prompt; `result` holds the Result once it is exhausted."""
+
+    def __init__(self, gen):
+        self._gen, self.result = gen, None
+
+    def __iter__(self) -> Iterator[str]:
+        self.result = (yield from self._gen)[0]
+
+
+class Engine:
+    """Batched generation with a KV cache for an llmctl Transformer (eval mode, any device / dtype)."""
+
+    def __init__(self, model, tokenizer=None, *, eos_ids: Sequence[int] | None = None, fast: bool = True,
+                 share_weights: bool = False, sync_every: int | None = None):  # fmt: skip
+        """fast: decode with FastDecode (copies of the weights; share_weights: re-point the model's weights at
+        them instead, for an inference-only model). eos_ids: default the tokenizer's and the config's EOS."""
+        self.model = _base(model)
+        self.fast = FastDecode(self.model, share_weights) if fast and FastDecode.supported(self.model) else None
+        self.tokenizer = tokenizer
+        cfg = self.model.config
+        self.block_size = cfg.block_size
+        self.device = self.model.lm_head.weight.device
+        self.eos_ids = set(eos_ids) if eos_ids is not None else _eos_ids(self.model, tokenizer)
+        pad = cfg.pad_token_id if cfg.pad_token_id is not None else getattr(tokenizer, "pad_id", None)
+        self.pad_id = int(pad) if pad is not None and 0 <= pad < cfg.vocab_size else 0
+        # how often the host looks at the new tokens when no row needs them at once (stop strings, streaming)
+        self.sync_every = sync_every or (1 if self.device.type == "cpu" else 8)
+
+    # ------------------------------------------------------------------------------------------ public API
+
+    def fit_prompt(self, ids: list[int], max_new_tokens: int, keep_first: int = 0) -> tuple[list[int], bool]:
+        """(ids, truncated): a prompt longer than block_size - max_new_tokens keeps its first `keep_first` ids
+        (e.g. BOS) and its last ones. Raises ValueError when max_new_tokens leaves no room."""
+        room = self.block_size - max_new_tokens
+        if room < 1 + keep_first:
+            raise ValueError(f"max_new_tokens must be below the model's context of {self.block_size} tokens, "
+                             f"got {max_new_tokens}")  # fmt: skip
+        if len(ids) <= room:
+            return list(ids), False
+        return list(ids[:keep_first]) + list(ids[len(ids) - (room - keep_first) :]), True
+
+    def seed_of(self, p: SamplingParams) -> int:
+        return p.seed if p.seed is not None else int(torch.randint(0, 2**62, ()).item())
+
+    @torch.inference_mode()
+    def generate(self, prompts: Sequence[Sequence[int]], params: SamplingParams | Sequence[SamplingParams] | None = None,
+                 *, batch_size: int | None = None) -> list[Result]:  # fmt: skip
+        """One Result per prompt, in order. Sampled prompts run `batch_size` at a time (default: all), longest
+        first; beam-search prompts one at a time."""
+        params = self._params(prompts, params)
+        out: list[Result | None] = [None] * len(prompts)
+        sampled = [i for i, p in enumerate(params) if p.num_beams == 1]
+        for i in set(range(len(prompts))) - set(sampled):
+            out[i] = self._beam_search(list(prompts[i]), params[i])
+        sampled.sort(key=lambda i: -len(prompts[i]))
+        bs = batch_size or max(1, len(sampled))
+        for s in range(0, len(sampled), bs):
+            for i, r in zip(sampled[s : s + bs], _drain(self._decode(prompts, params, sampled[s : s + bs]))):
+                out[i] = r
+        return out  # type: ignore[return-value]
+
+    def stream(self, prompt: Sequence[int], params: SamplingParams | None = None) -> Stream:
+        """Text deltas of one prompt as tokens arrive (held back while they could be the start of a stop string
+        or an incomplete UTF-8 character); the Result is `stream.result` once the iterator is exhausted."""
+        params = params or SamplingParams()
+
+        def run():
+            with torch.inference_mode():
+                if params.num_beams > 1:
+                    r = self._beam_search(list(prompt), params)
+                    yield r.text
+                    return [r]
+                return (yield from self._decode([prompt], [params], [0], stream=True))
+
+        return Stream(run())
+
+    # ------------------------------------------------------------------------------------------ internals
+
+    def _params(self, prompts, params) -> list[SamplingParams]:
+        if params is None:
+            params = SamplingParams()
+        if isinstance(params, SamplingParams):
+            params = [params] * len(prompts)
+        if len(params) != len(prompts):
+            raise ValueError(f"{len(params)} SamplingParams for {len(prompts)} prompts")
+        for ids in prompts:
+            if len(ids) == 0:
+                raise ValueError("a prompt needs at least one token (e.g. BOS)")
+            if len(ids) >= self.block_size:
+                raise ValueError(f"a prompt of {len(ids)} tokens leaves no room in the context of "
+                                 f"{self.block_size} tokens (see Engine.fit_prompt)")  # fmt: skip
+        return list(params)
+
+    def _text(self, prompt, tokens) -> str:
+        """Decode a completion in the context of the prompt's last tokens (tokenizers that strip a leading space
+        would otherwise drop it)."""
+        if self.tokenizer is None:
+            return ""
+        dec = self.tokenizer.decode
+        anchor = list(prompt[-3:])
+        head = dec(anchor, skip_special_tokens=True)
+        full = dec(anchor + list(tokens), skip_special_tokens=True)
+        return full[len(head) :] if full.startswith(head) and "\ufffd" not in head[-1:] else dec(tokens, skip_special_tokens=True)
+
+    def _fast(self):
+        """The FastDecode to use now (None: the model's forward), its weights up to date."""
+        if self.fast is None or self.model.training:
+            return None
+        self.fast.refresh()
+        return self.fast
+
+    def _forward(self, b: _Batch, x: torch.Tensor, t: int) -> torch.Tensor:
+        """Decode step t: the tokens x [B] at positions lens + t -> logits [B, V] (fp32)."""
+        if b.fast is not None:
+            if b.padded:
+                return b.fast(x, b.cache, b.lens + t, b.mask[:, : b.L + t + 1])
+            return b.fast(x, b.cache)
+        if b.padded:
+            pos = (b.lens + t)[:, None]
+            return self.model(x[:, None], position_ids=pos, cache=b.cache, attn_mask=b.mask[:, : b.L + t + 1])[:, -1]
+        return self.model(x[:, None], cache=b.cache)[:, -1]
+
+    def _decode(self, prompts, params, rows, stream: bool = False):
+        """Generator: decode prompts[rows] as one batch; yields text deltas of row 0 when `stream`, returns Results."""
+        b = _Batch(self, prompts, params, rows)
+        b.fast = self._fast()
+        gen: list[list[int]] = [[] for _ in rows]  # per batch position
+        reason: list[str | None] = ["length" if n == 0 else None for n in b.limit]
+        results = {b.rows[r]: self._result(prompts[b.rows[r]], [], "length", ()) for r, n in enumerate(b.limit) if n == 0}
+        if b.N == 0:
+            return [results[i] for i in rows]
+        m = self.model
+        pos = (torch.arange(b.L, device=self.device)[None, :] - (b.L - b.lens)[:, None]).clamp_(min=0) if b.padded else None
+        h = m(b.idx, position_ids=pos, cache=b.cache, attn_mask=b.mask[:, : b.L] if b.padded else None,
+              return_hidden=True)[:, -1]  # fmt: skip
+        logits = m.lm_head(h).float()  # [B, V]: the prompt's last position only
+        pending: list[torch.Tensor] = []
+        need_host = stream or any(b.stops)
+        streamed = ""
+        for t in range(b.N):
+            tok = b.select(logits, t)
+            pending.append(tok)
+            b.observe(tok)
+            if need_host or len(pending) >= self.sync_every or t == b.N - 1:  # the host looks at the new tokens
+                new = torch.stack(pending, 1).tolist() if len(pending) > 1 else [[v] for v in tok.tolist()]
+                pending = []
+                for r, toks in enumerate(new):
+                    g = gen[r]
+                    for v in toks:
+                        if reason[r] is not None:
+                            break
+                        g.append(v)
+                        if v in b.eos[r]:
+                            reason[r] = "eos"
+                        elif b.stops[r] and self._hit_stop(g, b.stops[r], b.stop_tail[r]):
+                            reason[r] = "stop"
+                        elif len(g) >= b.limit[r]:
+                            reason[r] = "length"
+                        if reason[r] is not None:
+                            results[b.rows[r]] = self._result(prompts[b.rows[r]], g, reason[r], b.stops[r])
+                if stream:
+                    if reason[0] is None:
+                        text = self._stream_text(prompts[b.rows[0]], gen[0], b.stops[0])
+                    else:
+                        text = results[b.rows[0]].text
+                    if len(text) > len(streamed) and text.startswith(streamed):
+                        yield text[len(streamed) :]
+                        streamed = text
+                alive = [r for r in range(len(reason)) if reason[r] is None]
+                if not alive:
+                    break
+                if len(alive) <= len(reason) // 2:  # compact the batch: drop the finished rows
+                    tok = tok.index_select(0, torch.tensor(alive, device=tok.device))
+                    b.keep(alive)
+                    gen, reason = [gen[r] for r in alive], [None] * len(alive)
+            if t == b.N - 1:
+                break
+            logits = self._forward(b, tok, t)
+        return [results[i] for i in rows]
+
+    def _hit_stop(self, gen, stops, tail) -> bool:
+        text = self.tokenizer.decode(gen[-tail:], skip_special_tokens=True)
+        return any(s in text for s in stops)
+
+    def _result(self, prompt, gen, reason, stops) -> Result:
+        text = self._text(prompt, gen)
+        if reason == "eos":
+            text = self._text(prompt, gen[:-1])
+        if stops:
+            cut = min((i for i in (text.find(s) for s in stops) if i >= 0), default=-1)
+            if cut >= 0:
+                text, reason = text[:cut], "stop"
+        return Result(text=text, tokens=list(gen), finish_reason=reason or "length", prompt_tokens=len(prompt))
+
+    def _stream_text(self, prompt, gen, stops) -> str:
+        """The completion so far minus what may still change: an incomplete UTF-8 character at the end, or a
+        suffix that could grow into a stop string."""
+        text = self._text(prompt, gen).rstrip("\ufffd")
+        for s in stops:
+            for k in range(min(len(s) - 1, len(text)), 0, -1):
+                if text.endswith(s[:k]):
+                    text = text[:-k]
+                    break
+        return text
+
+    # ------------------------------------------------------------------------------------------ beam search
+
+    def _beam_search(self, prompt: list[int], p: SamplingParams) -> Result:
+        """transformers' beam search for one prompt (early_stopping=False): 2n candidates per step, the best n
+        unfinished continue, finished ones (EOS or max length) are scored logprob / length ** length_penalty."""
+        n, m, L = p.num_beams, self.model, len(prompt)
+        N = min(p.max_new_tokens, self.block_size - L)
+        eos = (set() if p.ignore_eos else self.eos_ids) | set(p.stop_token_ids)
+        cache, fast = m.new_cache(n, L + N), self._fast()
+        x = torch.tensor([prompt], device=self.device).expand(n, L)
+        logits = m.lm_head(m(x, cache=cache, return_hidden=True)[:, -1]).float()  # [n, V]
+        V = logits.size(-1)
+        seqs: list[list[int]] = [[] for _ in range(n)]
+        scores = torch.full((n,), -1e9, device=self.device)
+        scores[0] = 0.0  # identical beams at the start: only the first one counts
+        seen = None
+        if p.repetition_penalty != 1:
+            seen = torch.zeros(n, V, dtype=torch.bool, device=self.device)
+            seen[:, torch.tensor(prompt, device=self.device)] = True
+        finished: list[tuple[float, list[int]]] = []  # (normalised score, tokens), best first, at most n
+        for t in range(N):
+            logp = F.log_softmax(logits, dim=-1)
+            if seen is not None:
+                rp = p.repetition_penalty
+                logp = torch.where(seen, torch.where(logp < 0, logp * rp, logp / rp), logp)
+            cand = (logp + scores[:, None]).view(-1)
+            top_v, top_i = cand.topk(2 * n)
+            top_v, top_i = top_v.tolist(), top_i.tolist()
+            last = t + 1 >= N
+            run_beams, run_toks, run_scores = [], [], []
+            new_fin = []
+            for j, (v, ci) in enumerate(zip(top_v, top_i)):
+                beam, tok = divmod(ci, V)
+                hits = last or tok in eos
+                if hits:
+                    if j < n:
+                        new_fin.append((v / (t + 1) ** p.length_penalty, seqs[beam] + [tok]))
+                elif len(run_beams) < n:
+                    run_beams.append(beam)
+                    run_toks.append(tok)
+                    run_scores.append(v)
+            finished = sorted(finished + new_fin, key=lambda f: -f[0])[:n]
+            if last or not run_beams:
+                break
+            while len(run_beams) < n:  # fewer than n unfinished candidates: pad with dead beams
+                run_beams.append(run_beams[0])
+                run_toks.append(run_toks[0])
+                run_scores.append(-1e9)
+            seqs = [seqs[bm] + [tk] for bm, tk in zip(run_beams, run_toks)]
+            scores = torch.tensor(run_scores, device=self.device)
+            idx = torch.tensor(run_beams, device=self.device)
+            cache.reorder(idx)
+            tok_t = torch.tensor(run_toks, device=self.device)
+            if seen is not None:
+                seen = seen.index_select(0, idx)
+                seen.scatter_(1, tok_t[:, None], True)
+            # transformers' heuristic (early_stopping=False): stop once the best running beam, normalised at
+            # the current length, cannot beat the worst finished hypothesis
+            if len(finished) == n and run_scores[0] / (t + 1) ** p.length_penalty <= finished[-1][0]:
+                break
+            logits = fast(tok_t, cache) if fast is not None else m(tok_t[:, None], cache=cache)[:, -1]
+        score, best = finished[0] if finished else (float(scores[0]) / max(1, len(seqs[0])) ** p.length_penalty, seqs[0])
+        reason = "eos" if best and best[-1] in eos else "length"
+        r = self._result(prompt, best, reason, p.stop)
+        r.score = score
+        return r
+
+
+def _drain(gen):
+    """Run a generator to the end and return its return value."""
+    while True:
+        try:
+            next(gen)
+        except StopIteration as e:
+            return e.value

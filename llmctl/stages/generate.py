@@ -1,0 +1,266 @@
+"""`llmctl generate`: a PROMPT, stdin lines or JSONL in; completions out (stdout: results only).
+
+Documented behaviours (README and `llmctl generate --help`):
+- a prompt is BOS + its text (BOS only when the tokenizer has one distinct from EOS; GPT-2 has none);
+- an empty line / prompt is an empty prompt: the model continues from BOS (or EOS) alone, an unconditional sample;
+- a prompt longer than the context allows (block_size - max_new_tokens tokens) keeps its first token when it is
+  BOS and its last tokens, with a warning on stderr; --max-new-tokens must be below the context;
+- plain output is one completion per input line with `\\` -> `\\\\`, newline -> `\\n`, CR -> `\\r` (other
+  line-breaking characters -> `\\xHH` / `\\uHHHH`);
+- --json writes JSONL; an input line starting with `{` is a JSON object (`prompt` or chat `messages`, optional
+  `id` and sampling overrides), any other line a plain prompt; blank lines are skipped; a malformed object stops
+  with `error: stdin:LINE: ...` (the batches before it are already out).
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+from dataclasses import dataclass
+from typing import Any, TextIO
+
+from llmctl.errors import UserError
+
+# per-item overrides accepted in --json mode and their JSON types
+OVERRIDES: dict[str, tuple] = {
+    "max_new_tokens": (int,), "temperature": (int, float), "top_k": (int,), "top_p": (int, float),
+    "min_p": (int, float), "repetition_penalty": (int, float), "frequency_penalty": (int, float),
+    "presence_penalty": (int, float), "num_beams": (int,), "length_penalty": (int, float), "stop": (str, list),
+    "seed": (int,),
+}  # fmt: skip
+KNOWN = set(OVERRIDES) | {"prompt", "messages", "id"}
+DEFAULT_MAX_NEW_TOKENS = 128
+
+
+@dataclass
+class Item:
+    where: str  # "stdin:3", "PROMPT"
+    ids: list[int]
+    params: Any  # SamplingParams
+    id: Any = None
+    has_id: bool = False
+
+
+def make_params(flags: dict, where: str | None = None):
+    """SamplingParams from CLI flags (or a JSON item's merged fields); a bad value is a UserError that names
+    the flag (`--top-p`) or the item (`stdin:3: top_p`)."""
+    from llmctl.engine import SamplingParams
+
+    try:
+        return SamplingParams(**flags)
+    except ValueError as e:
+        msg = str(e)
+        if where is not None:
+            raise UserError(f"{where}: {msg}") from None
+        name = msg.split()[0]
+        raise UserError("--" + name.replace("_", "-") + msg[len(name) :]) from None
+
+
+def unescape(s: str) -> str:
+    """`\\n`, `\\t`, `\\r` and `\\\\` in a --stop value."""
+    out, i = [], 0
+    while i < len(s):
+        if s[i] == "\\" and i + 1 < len(s) and s[i + 1] in "ntr\\":
+            out.append({"n": "\n", "t": "\t", "r": "\r", "\\": "\\"}[s[i + 1]])
+            i += 2
+        else:
+            out.append(s[i])
+            i += 1
+    return "".join(out)
+
+
+# every character str.splitlines() breaks on: \n, \r, then \x0b \x0c \x1c \x1d \x1e \x85 \u2028 \u2029
+_ESCAPES = {"\\": "\\\\", "\n": "\\n", "\r": "\\r"}
+_ESCAPES.update({c: f"\\x{ord(c):02x}" if ord(c) < 256 else f"\\u{ord(c):04x}"
+                 for c in "\x0b\x0c\x1c\x1d\x1e\x85\u2028\u2029"})  # fmt: skip
+_ESCAPE_TABLE = str.maketrans(_ESCAPES)
+
+
+def escape(s: str) -> str:
+    """One completion on one line: backslash -> `\\\\`, newline -> `\\n`, CR -> `\\r`, and the other characters
+    that split lines (vertical tab, form feed, U+2028 ...) -> `\\xHH` / `\\uHHHH`."""
+    return s.translate(_ESCAPE_TABLE)
+
+
+def load_engine(model_path, device: str | None = None):
+    """Engine for a MODEL (model dir, checkpoint or run dir): fp32 on CPU, bf16 on a GPU that has it."""
+    import torch
+
+    from llmctl.checkpoint import resolve_model_dir
+    from llmctl.engine import Engine
+    from llmctl.hf import load_model
+    from llmctl.tokenizer import load_tokenizer
+
+    d = resolve_model_dir(model_path)
+    dev = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    dtype = torch.bfloat16 if dev.type == "cuda" and torch.cuda.is_bf16_supported() else torch.float32
+    tok = load_tokenizer(d)
+    model = load_model(d, device=dev, dtype=dtype)
+    if tok.vocab_size > model.config.vocab_size:
+        raise UserError(f"tokenizer/model vocab mismatch in {d}: the tokenizer has {tok.vocab_size} tokens, "
+                        f"the model {model.config.vocab_size}")  # fmt: skip
+    eos = {tok.eos_id, model.config.eos_token_id}
+    gc = d / "generation_config.json"
+    if gc.is_file():
+        try:
+            v = json.loads(gc.read_text(encoding="utf-8")).get("eos_token_id")
+        except (OSError, ValueError, AttributeError):
+            v = None
+        eos |= set(v) if isinstance(v, list) else {v}
+    return Engine(model, tok, eos_ids=[int(i) for i in eos if isinstance(i, int)], share_weights=True)
+
+
+def encode(engine, text: str | None, chat: bool, messages=None) -> list[int]:
+    """Prompt ids: BOS + text, or the chat template with the generation prompt."""
+    tok = engine.tokenizer
+    if messages is not None or chat:
+        msgs = messages if messages is not None else [{"role": "user", "content": text}]
+        if tok.im_start_id is not None and tok.im_end_id is not None:
+            return tok.encode_chat(msgs, add_generation_prompt=True)[0]
+        template = tok.config.get("chat_template")
+        if not isinstance(template, str):
+            raise UserError(f"--chat: the tokenizer {tok.path} has no chat template")
+        from jinja2.sandbox import ImmutableSandboxedEnvironment
+
+        name = lambda i: tok.id_to_token(i) if i is not None else ""  # noqa: E731
+        rendered = ImmutableSandboxedEnvironment().from_string(template).render(
+            messages=msgs, add_generation_prompt=True, bos_token=name(tok.bos_id), eos_token=name(tok.eos_id))
+        return tok.encode(rendered, allow_special=True)
+    ids = tok.encode(text)
+    bos = tok.bos_id
+    if bos is not None and (not ids or bos != tok.eos_id):
+        ids = [bos] + ids
+    if not ids:
+        if tok.eos_id is None:
+            raise UserError("an empty prompt needs a BOS or EOS token, and this tokenizer has neither")
+        ids = [tok.eos_id]
+    return ids
+
+
+def fit(engine, ids: list[int], params, where: str, stderr: TextIO) -> list[int]:
+    try:
+        out, cut = engine.fit_prompt(ids, params.max_new_tokens, keep_first=int(ids[0] == engine.tokenizer.bos_id))
+    except ValueError:
+        raise UserError(f"{where}: max_new_tokens ({params.max_new_tokens}) must be below the model's context "
+                        f"of {engine.block_size} tokens") from None  # fmt: skip
+    if cut:
+        print(f"warning: {where}: prompt of {len(ids)} tokens is longer than the context allows "
+              f"({engine.block_size} - {params.max_new_tokens} new tokens); keeping its last {len(out)}",
+              file=stderr, flush=True)  # fmt: skip
+    return out
+
+
+def parse_json_item(engine, line: str, where: str, base: dict, chat: bool, warned: set, stderr: TextIO) -> Item:
+    try:
+        obj = json.loads(line)
+    except json.JSONDecodeError as e:
+        raise UserError(f"{where}: invalid JSON ({e.msg} at column {e.colno})") from None
+    if not isinstance(obj, dict):
+        raise UserError(f"{where}: expected a JSON object, got {type(obj).__name__}")
+    fields = dict(base)
+    for k, v in obj.items():
+        if k in OVERRIDES:
+            types = OVERRIDES[k]
+            if isinstance(v, bool) or not isinstance(v, types):
+                want = " or ".join({int: "integer", float: "number", str: "string", list: "list"}[t] for t in types)
+                raise UserError(f"{where}: field {k!r} must be a {want}, got {json.dumps(v)}")
+            if k == "stop":
+                v = [v] if isinstance(v, str) else v
+                if not all(isinstance(s, str) for s in v):
+                    raise UserError(f"{where}: field 'stop' must be a string or a list of strings")
+                v = tuple(v)
+            fields[k] = v
+        elif k not in KNOWN and k not in warned:
+            warned.add(k)
+            print(f"warning: {where}: ignoring unknown field {k!r}", file=stderr, flush=True)
+    messages = obj.get("messages")
+    if messages is not None:
+        ok = isinstance(messages, list) and messages and all(
+            isinstance(m, dict) and isinstance(m.get("role"), str) and isinstance(m.get("content"), str)
+            for m in messages)  # fmt: skip
+        if not ok:
+            raise UserError(f"{where}: 'messages' must be a non-empty list of {{role, content}} strings")
+    elif not isinstance(obj.get("prompt"), str):
+        raise UserError(f"{where}: expected a string field 'prompt' (or chat 'messages')")
+    params = make_params(fields, where)
+    ids = fit(engine, encode(engine, obj.get("prompt"), chat, messages), params, where, stderr)
+    return Item(where, ids, params, obj.get("id"), "id" in obj)
+
+
+def run(model, prompt: str | None, flags: dict, *, json_mode: bool, chat: bool, batch_size: int,
+        device: str | None = None, stdin: TextIO | None = None, stdout: TextIO | None = None,
+        stderr: TextIO | None = None) -> None:  # fmt: skip
+    """The command: validate the flags, load the MODEL, then answer the PROMPT or every stdin line."""
+    import torch
+
+    stdin, stdout, stderr = stdin or sys.stdin, stdout or sys.stdout, stderr or sys.stderr
+    make_params({k: v for k, v in flags.items() if v is not None})  # flag errors before the model loads
+    engine = load_engine(model, device)
+    base = dict(flags)
+    if base.get("max_new_tokens") is None:
+        base["max_new_tokens"] = min(DEFAULT_MAX_NEW_TOKENS, engine.block_size // 2)
+    if chat and engine.tokenizer.im_end_id is not None:
+        base["stop_token_ids"] = (engine.tokenizer.im_end_id,)
+    seed = base.pop("seed", None)
+    if seed is None:
+        torch.seed()  # no --seed: a different sample every run
+    base = {k: v for k, v in base.items() if v is not None}
+    make_params(base)
+
+    def item_fields(n: int) -> dict:  # item n (0-based) samples with seed --seed + n
+        return base if seed is None else {**base, "seed": seed + n}
+
+    if prompt is not None:
+        params = make_params(item_fields(0))
+        ids = fit(engine, encode(engine, prompt, chat), params, "PROMPT", stderr)
+        if json_mode:
+            r = engine.generate([ids], params)[0]
+            stdout.write(_json_line(Item("PROMPT", ids, params), r))
+        elif stdout.isatty() and params.num_beams == 1:
+            for delta in engine.stream(ids, params):
+                stdout.write(delta)
+                stdout.flush()
+            stdout.write("\n")
+        else:
+            stdout.write(engine.generate([ids], params)[0].text + "\n")
+        stdout.flush()
+        return
+
+    if stdin.isatty():
+        print("reading prompts from stdin, one per line (Ctrl-D ends)", file=stderr, flush=True)
+        batch_size = 1
+    warned: set = set()
+    batch: list[Item] = []
+    n = 0
+    for lineno, line in enumerate(stdin, 1):
+        where = f"stdin:{lineno}"
+        text = line[:-1] if line.endswith("\n") else line
+        if json_mode and not text.strip():
+            continue
+        if json_mode and text.lstrip().startswith("{"):
+            item = parse_json_item(engine, text, where, item_fields(n), chat, warned, stderr)
+        else:
+            text = text[:-1] if text.endswith("\r") else text
+            params = make_params(item_fields(n))
+            item = Item(where, fit(engine, encode(engine, text, chat), params, where, stderr), params)
+        n += 1
+        batch.append(item)
+        if len(batch) >= batch_size:
+            _answer(engine, batch, json_mode, stdout)
+            batch = []
+    if batch:
+        _answer(engine, batch, json_mode, stdout)
+
+
+def _answer(engine, items: list[Item], json_mode: bool, stdout: TextIO) -> None:
+    results = engine.generate([it.ids for it in items], [it.params for it in items])
+    for it, r in zip(items, results):
+        stdout.write(_json_line(it, r) if json_mode else escape(r.text) + "\n")
+    stdout.flush()
+
+
+def _json_line(it: Item, r) -> str:
+    d = {"id": it.id} if it.has_id else {}
+    d.update(completion=r.text, finish_reason=r.finish_reason, prompt_tokens=r.prompt_tokens,
+             completion_tokens=r.completion_tokens)  # fmt: skip
+    return json.dumps(d, ensure_ascii=False) + "\n"

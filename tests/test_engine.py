@@ -1,0 +1,299 @@
+"""The generation engine: greedy and beam search equal transformers' `generate`, the fast decode step equals the
+full forward, samplers draw from the truncated distributions, seeds reproduce, rows stop on their own."""
+
+import numpy as np
+import pytest
+import torch
+from scipy import stats
+
+from llmctl import hf
+from llmctl.engine import Engine, FastDecode, SamplingParams, sample
+from llmctl.model import ModelConfig, Transformer
+
+V = 512  # the conftest tokenizer's vocabulary
+
+
+@pytest.fixture(autouse=True, scope="module")
+def one_thread():
+    """Tiny models decode fastest on one thread, and a shared, busy machine can stall multi-threaded ops."""
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
+def make_model(arch="llama", seed=0, **kw):
+    torch.manual_seed(seed)
+    cfg = dict(arch=arch, vocab_size=V, n_layer=2, n_head=4, n_embd=64, block_size=96, init_std=0.1,
+               eos_token_id=2, pad_token_id=0)  # fmt: skip
+    if arch == "llama":
+        cfg["n_kv_head"] = 2  # grouped-query attention
+    cfg.update(kw)
+    return Transformer(ModelConfig(**cfg)).eval()
+
+
+def prompts_of(lengths, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    return [torch.randint(5, V, (n,), generator=g).tolist() for n in lengths]
+
+
+@pytest.fixture(scope="module", params=["llama", "gpt2"])
+def pair(request, tmp_path_factory):
+    """(llmctl model, transformers model) with the same weights, through a saved checkpoint folder."""
+    from transformers import AutoModelForCausalLM
+
+    d = tmp_path_factory.mktemp(f"model-{request.param}")
+    hf.save_model(make_model(request.param), d)
+    return hf.load_model(d), AutoModelForCausalLM.from_pretrained(d).eval()
+
+
+def hf_generate(model, ids, eos, **kw):
+    out = model.generate(torch.tensor([ids]), attention_mask=torch.ones(1, len(ids), dtype=torch.long),
+                         pad_token_id=0, eos_token_id=eos, **kw)[0, len(ids):].tolist()  # fmt: skip
+    return out
+
+
+def test_greedy_equals_transformers_batched_prompts_of_different_lengths(pair):
+    ours, theirs = pair
+    prompts = prompts_of([7, 1, 19, 4, 12])
+    # an EOS the model actually emits, so that some rows stop early (and the batch is compacted)
+    free = Engine(ours, eos_ids=[]).generate(prompts, SamplingParams(max_new_tokens=24, temperature=0))
+    eos = free[2].tokens[5]
+    res = Engine(ours, eos_ids=[eos]).generate(prompts, SamplingParams(max_new_tokens=24, temperature=0))
+    assert {r.finish_reason for r in res} == {"eos", "length"}
+    for p, r in zip(prompts, res):
+        assert r.tokens == hf_generate(theirs, p, eos, max_new_tokens=24, do_sample=False)
+        assert r.finish_reason == ("eos" if r.tokens[-1] == eos else "length")
+    # the model's own forward (no FastDecode) gives the same tokens
+    slow = Engine(ours, eos_ids=[eos], fast=False).generate(prompts, SamplingParams(max_new_tokens=24, temperature=0))
+    assert [r.tokens for r in slow] == [r.tokens for r in res]
+
+
+def test_repetition_penalty_equals_transformers(pair):
+    ours, theirs = pair
+    prompts = prompts_of([6, 11])
+    res = Engine(ours, eos_ids=[]).generate(prompts, SamplingParams(max_new_tokens=16, temperature=0,
+                                                                    repetition_penalty=1.5))  # fmt: skip
+    for p, r in zip(prompts, res):
+        assert r.tokens == hf_generate(theirs, p, None, max_new_tokens=16, do_sample=False, repetition_penalty=1.5)
+
+
+@pytest.mark.parametrize("length_penalty", [1.0, 0.3])
+def test_beam_search_equals_transformers(pair, length_penalty):
+    ours, theirs = pair
+    prompts = prompts_of([5, 9, 2], seed=1)
+    free = Engine(ours, eos_ids=[]).generate(prompts, SamplingParams(max_new_tokens=14, temperature=0))
+    eos = free[0].tokens[3]
+    engine = Engine(ours, eos_ids=[eos])
+    for p in prompts:
+        r = engine.generate([p], SamplingParams(max_new_tokens=14, num_beams=3, length_penalty=length_penalty))[0]
+        ref = hf_generate(theirs, p, eos, max_new_tokens=14, num_beams=3, do_sample=False,
+                          length_penalty=length_penalty)  # fmt: skip
+        if eos in ref:
+            ref = ref[: ref.index(eos) + 1]  # transformers pads after EOS
+        assert r.tokens == ref
+        assert r.finish_reason == ("eos" if ref[-1] == eos else "length") and r.score is not None
+
+
+@pytest.mark.parametrize("kw", [dict(arch="llama"), dict(arch="gpt2"), dict(arch="llama", qkv_bias=True),
+                                dict(arch="llama", qkv_bias=True, attn_out_bias=True, n_kv_head=4)])  # fmt: skip
+def test_kv_cache_decode_logits_equal_full_forward(kw):
+    """Prefill + one-token decode steps (FastDecode and the model's forward), with left padding, give the
+    logits of the full forward of each unpadded sequence (fp32, 1e-4)."""
+    m = make_model(**kw)
+    a, b = prompts_of([14, 5], seed=3)
+    cont = prompts_of([6, 6], seed=4)
+    full = [m(torch.tensor([x + c]))[0] for x, c in zip((a, b), cont)]  # [T, V] each
+    engine = Engine(m)
+    fast = FastDecode(m)
+    with torch.no_grad():
+        for step_fn in ("fast", "model"):
+            L = 14
+            idx = torch.tensor([a, [0] * (L - len(b)) + b])
+            mask = torch.ones(2, L + 6, dtype=torch.bool)
+            mask[1, : L - len(b)] = False
+            lens = torch.tensor([14, 5])
+            pos = (torch.arange(L)[None] - (L - lens)[:, None]).clamp(min=0)
+            cache = m.new_cache(2, L + 6)
+            m(idx, position_ids=pos, attn_mask=mask[:, :L], cache=cache)
+            for t in range(6):
+                x = torch.tensor([cont[0][t], cont[1][t]])
+                if step_fn == "fast":
+                    logits = fast(x, cache, lens + t, mask[:, : L + t + 1])
+                else:
+                    logits = m(x[:, None], position_ids=(lens + t)[:, None], attn_mask=mask[:, : L + t + 1],
+                               cache=cache)[:, -1]  # fmt: skip
+                for r, n in enumerate((14, 5)):
+                    torch.testing.assert_close(logits[r], full[r][n + t], atol=1e-4, rtol=0)
+        # unpadded single row, no mask / position ids
+        cache = m.new_cache(1, 20)
+        m(torch.tensor([a]), cache=cache)
+        for t in range(6):
+            logits = fast(torch.tensor([cont[0][t]]), cache)
+            torch.testing.assert_close(logits[0], full[0][14 + t], atol=1e-4, rtol=0)
+    assert engine.fast is not None
+
+
+def test_fast_decode_follows_weight_updates_and_sharing():
+    m = make_model()
+    p = prompts_of([6])
+    engine = Engine(m, eos_ids=[])
+    before = engine.generate(p, SamplingParams(max_new_tokens=8, temperature=0))[0].tokens
+    with torch.no_grad():
+        for w in m.parameters():
+            w.mul_(1.5)  # an optimizer step, in place
+    after = engine.generate(p, SamplingParams(max_new_tokens=8, temperature=0))[0].tokens
+    assert after == Engine(m, eos_ids=[], fast=False).generate(p, SamplingParams(max_new_tokens=8, temperature=0))[0].tokens
+    assert after != before
+    shared = Engine(m, eos_ids=[], share_weights=True)  # the model's weights become views of the fused copies
+    assert shared.generate(p, SamplingParams(max_new_tokens=8, temperature=0))[0].tokens == after
+    assert m(torch.tensor(p)).shape == (1, 6, V)
+
+
+# ---------------------------------------------------------------------------------------------------- samplers
+
+
+def truncated(logits, temperature=1.0, top_k=0, top_p=1.0, min_p=0.0):
+    """The reference: transformers' order (temperature, top-k, top-p, min-p), each renormalised."""
+    x = np.asarray(logits, dtype=np.float64) / temperature
+    p = np.exp(x - x.max())
+    p /= p.sum()
+    order = np.argsort(-p, kind="stable")
+    keep = np.ones_like(p, dtype=bool)
+    if top_k:
+        keep[order[top_k:]] = False
+    if top_p < 1:
+        q = np.where(keep, p, 0) / np.where(keep, p, 0).sum()
+        before = np.cumsum(q[order]) - q[order]
+        keep[order[before >= top_p]] = False
+    if min_p:
+        keep &= p >= min_p * p.max()
+    p = np.where(keep, p, 0)
+    return p / p.sum()
+
+
+@pytest.mark.parametrize("kw", [dict(), dict(temperature=0.7), dict(top_k=4), dict(top_p=0.8),
+                                dict(top_p=0.5, temperature=1.5), dict(min_p=0.2), dict(top_k=6, top_p=0.9),
+                                dict(top_k=8, top_p=0.85, min_p=0.1, temperature=0.8)])  # fmt: skip
+def test_sampler_matches_truncated_distribution(kw):
+    logits = torch.tensor([2.0, 1.7, 1.5, 1.0, 0.9, 0.5, 0.1, 0.0, -0.3, -1.0, -2.0, -4.0])
+    n = 40000
+    g = torch.Generator().manual_seed(0)
+    B = n
+    col = lambda v, dt=torch.float32: torch.full((B,), v, dtype=dt)  # noqa: E731
+    tok = sample(logits.expand(B, -1).contiguous(), torch.rand(B, generator=g), col(kw.get("temperature", 1.0)),
+                 col(kw.get("top_k", 0), torch.long) if "top_k" in kw else None,
+                 col(kw.get("top_p", 1.0)) if "top_p" in kw else None,
+                 col(kw.get("min_p", 0.0)) if "min_p" in kw else None)  # fmt: skip
+    counts = np.bincount(tok.numpy(), minlength=len(logits))
+    expect = truncated(logits.numpy(), **kw)
+    assert counts[expect == 0].sum() == 0  # truncated tokens are never drawn
+    support = expect > 0
+    chi2, pval = stats.chisquare(counts[support], expect[support] * n)
+    assert pval > 1e-3, (counts, expect * n)
+
+
+def test_sampler_rows_are_independent():
+    """Mixed settings in one batch: each row follows its own settings (greedy rows via Engine)."""
+    logits = torch.randn(3, 50, generator=torch.Generator().manual_seed(1))
+    u = torch.tensor([0.3, 0.99, 0.5])
+    both = sample(logits, u, torch.tensor([1.0, 0.5, 2.0]), torch.tensor([0, 3, 0]), torch.tensor([0.9, 1.0, 1.0]))
+    for i, (k, p, t) in enumerate([(0, 0.9, 1.0), (3, 1.0, 0.5), (0, 1.0, 2.0)]):
+        one = sample(logits[i : i + 1], u[i : i + 1], torch.tensor([t]), torch.tensor([k]), torch.tensor([p]))
+        assert one.item() == both[i].item()
+
+
+def test_seeds_reproduce_and_do_not_depend_on_the_batch():
+    m = make_model()
+    engine = Engine(m, eos_ids=[])
+    p = prompts_of([6, 13, 3, 9])
+    sp = SamplingParams(max_new_tokens=20, top_p=0.95, temperature=1.2, seed=7)
+    alone = engine.generate([p[0]], sp)[0].tokens
+    assert engine.generate([p[0]], sp)[0].tokens == alone
+    assert engine.generate([p[0]], sp.replace(seed=8))[0].tokens != alone
+    batch = engine.generate(p, [sp, sp.replace(seed=1), sp.replace(temperature=0), sp.replace(top_k=5, seed=2)])
+    assert batch[0].tokens == alone
+    assert batch[2].tokens == engine.generate([p[2]], sp.replace(temperature=0))[0].tokens
+    torch.manual_seed(3)
+    a = engine.generate([p[1]], sp.replace(seed=None))[0].tokens
+    torch.manual_seed(3)
+    assert engine.generate([p[1]], sp.replace(seed=None))[0].tokens == a  # seed None: from torch's global RNG
+
+
+def test_frequency_and_presence_penalties():
+    m = make_model()
+    engine = Engine(m, eos_ids=[])
+    p = prompts_of([5])
+    plain = engine.generate(p, SamplingParams(max_new_tokens=30, temperature=0))[0].tokens
+    assert len(set(plain)) < len(plain)  # a random model repeats itself
+    for kw in (dict(frequency_penalty=100.0), dict(presence_penalty=100.0)):
+        toks = engine.generate(p, SamplingParams(max_new_tokens=30, temperature=0, **kw))[0].tokens
+        assert len(set(toks)) == len(toks)
+
+
+# ------------------------------------------------------------------------------------------ stopping and text
+
+
+def test_stop_strings_eos_length_and_streaming(tok):
+    m = make_model()
+    engine = Engine(m, tok, eos_ids=[])
+    p = [tok.bos_id] + tok.encode("The Python")
+    free = engine.generate([p], SamplingParams(max_new_tokens=30, temperature=0))[0]
+    assert free.finish_reason == "length" and free.completion_tokens == 30
+    assert free.text == tok.decode(free.tokens)
+    stop = free.text[5:8]
+    r = engine.generate([p], SamplingParams(max_new_tokens=30, temperature=0, stop=[stop, "\x00never"]))[0]
+    assert r.finish_reason == "stop" and r.text == free.text[: free.text.index(stop)]
+    assert r.tokens == free.tokens[: len(r.tokens)] and len(r.tokens) < 30
+    # the stop string's tokens are generated (and counted), its text is cut
+    assert stop in tok.decode(r.tokens)
+    s = engine.stream(p, SamplingParams(max_new_tokens=30, temperature=0, stop=[stop]))
+    deltas = list(s)
+    assert "".join(deltas) == r.text and s.result.text == r.text and len(deltas) > 1
+    eos = free.tokens[10]
+    r = Engine(m, tok, eos_ids=[eos]).generate([p], SamplingParams(max_new_tokens=30, temperature=0))[0]
+    assert r.finish_reason == "eos" and r.tokens == free.tokens[: free.tokens.index(eos) + 1]
+    assert r.text == tok.decode(r.tokens[:-1])
+    # ignore_eos / stop_token_ids
+    r = Engine(m, tok, eos_ids=[eos]).generate([p], SamplingParams(max_new_tokens=30, temperature=0, ignore_eos=True))[0]
+    assert r.tokens == free.tokens
+    r = engine.generate([p], SamplingParams(max_new_tokens=30, temperature=0, stop_token_ids=(eos,)))[0]
+    assert r.finish_reason == "eos" and r.tokens[-1] == eos
+
+
+def test_rows_stop_on_their_own_and_limits():
+    m = make_model()
+    engine = Engine(m, eos_ids=[])
+    p = prompts_of([4, 8, 6, 3, 5])
+    alone = [engine.generate([x], SamplingParams(max_new_tokens=n, temperature=0))[0].tokens
+             for x, n in zip(p, (3, 20, 0, 7, 1))]  # fmt: skip
+    batch = engine.generate(p, [SamplingParams(max_new_tokens=n, temperature=0) for n in (3, 20, 0, 7, 1)])
+    assert [r.tokens for r in batch] == alone
+    assert [r.completion_tokens for r in batch] == [3, 20, 0, 7, 1]
+    # batch_size chunks keep the order
+    chunked = engine.generate(p, [SamplingParams(max_new_tokens=n, temperature=0) for n in (3, 20, 0, 7, 1)],
+                              batch_size=2)  # fmt: skip
+    assert [r.tokens for r in chunked] == alone
+    # the context ends generation: block_size 96
+    r = engine.generate([list(range(5, 90))], SamplingParams(max_new_tokens=50, temperature=0))[0]
+    assert r.completion_tokens == 96 - 85 and r.finish_reason == "length"
+    with pytest.raises(ValueError, match="no room"):
+        engine.generate([list(range(5, 101))], SamplingParams())
+    with pytest.raises(ValueError, match="at least one token"):
+        engine.generate([[]], SamplingParams())
+
+
+def test_fit_prompt_and_params_validation():
+    engine = Engine(make_model(), eos_ids=[])
+    ids = list(range(100))
+    out, cut = engine.fit_prompt(ids, 16, keep_first=1)
+    assert cut and len(out) == 96 - 16 and out[0] == 0 and out[-1] == 99 and out[1] == 100 - 79
+    assert engine.fit_prompt(ids[:10], 16) == (ids[:10], False)
+    with pytest.raises(ValueError, match="below the model's context"):
+        engine.fit_prompt(ids, 96)
+    for bad, msg in [(dict(top_p=0.0), "top_p"), (dict(top_p=1.5), "top_p"), (dict(max_new_tokens=-1), "max_new"),
+                     (dict(temperature=-1), "temperature"), (dict(num_beams=0), "num_beams"), (dict(stop=[""]), "stop"),
+                     (dict(min_p=2), "min_p"), (dict(top_k=-2), "top_k")]:  # fmt: skip
+        with pytest.raises(ValueError, match=msg):
+            SamplingParams(**bad)
+    assert SamplingParams(stop="x").stop == ("x",)
