@@ -29,3 +29,10 @@ print(f"val bpb: step {first['step']}: {first['val_bpb']:.3f} -> step {last['ste
 PY
 echo "greedy sample:"
 $PYTHON examples/sample.py "$D/pretrain" "The Python interpreter" --max-new-tokens 40
+
+echo "== eval: bits per byte (first 40 builtin documents), multiple choice, the lm-eval adapter on a local task, report card" >&2
+rm -f "$D/report/evals.jsonl"  # a fresh report card for this run
+$LLMCTL eval --model "$D/pretrain" --task bpb --data builtin --limit 40 --report "$D/report"
+$LLMCTL eval --model "$D/pretrain" --task mc --data examples/eval/python_mc.jsonl --report "$D/report"
+$LLMCTL eval --model "$D/pretrain" --harness python_mc --harness-include examples/eval/tasks --report "$D/report"
+echo "report card: $D/report/report.md (curves: $D/report/curves.png)"

@@ -217,6 +217,49 @@ def generate(
     stage.run(model, prompt, flags, json_mode=json_mode, chat=chat, batch_size=batch_size, device=device)
 
 
+# --------------------------------------------------------------------------------------------- eval
+
+
+@app.command("eval")
+@_guard
+def eval_cmd(
+    model: Path = typer.Option(..., "--model", help="A model directory or a run directory (its newest checkpoint)."),
+    task: Optional[str] = typer.Option(None, "--task", help="ppl | bpb | mc | exact-match | preference."),
+    data: Optional[List[str]] = typer.Option(None, "--data", help="ppl / bpb: a CORPUS (repeatable); mc, "
+                                             "exact-match, preference: a JSONL file."),
+    harness: Optional[List[str]] = typer.Option(None, "--harness", help="lm-eval task(s), repeatable or "
+                                                "comma-separated (needs llmctl[harness])."),
+    harness_include: Optional[Path] = typer.Option(None, "--harness-include", help="A directory of lm-eval task "
+                                                   "YAML files (tasks over local data)."),
+    num_fewshot: Optional[int] = typer.Option(None, "--num-fewshot", help="--harness: few-shot examples."),
+    limit: Optional[int] = typer.Option(None, "--limit", help="Only the first N documents / records."),
+    batch_size: Optional[int] = typer.Option(None, "--batch-size", help="Windows (ppl/bpb, default 8) or "
+                                             "sequences (default 16) per forward pass."),
+    context: Optional[int] = typer.Option(None, "--context", help="ppl / bpb: window length (default: the "
+                                          "model's block_size)."),
+    stride: Optional[int] = typer.Option(None, "--stride", help="ppl / bpb: window stride (default: context // 2)."),
+    max_new_tokens: int = typer.Option(32, "--max-new-tokens", help="exact-match: tokens generated per prompt."),
+    chat: bool = typer.Option(False, "--chat", help="exact-match: each prompt as a user message in the chat "
+                              "template."),
+    ref_model: Optional[Path] = typer.Option(None, "--ref-model", help="preference: score log p(model) - "
+                                             "log p(ref), DPO's implicit reward."),
+    device: Optional[str] = typer.Option(None, "--device", help="cpu, cuda, cuda:1 ... (default: cuda if available)."),
+    dtype: str = typer.Option("float32", "--dtype", help="float32 | bfloat16 | float16."),
+    as_json: bool = typer.Option(False, "--json", help="Print one JSON document on stdout."),
+    samples: Optional[Path] = typer.Option(None, "--samples", help="Write per-item results (JSONL) to this file."),
+    report: Optional[Path] = typer.Option(None, "--report", help="Record the result in DIR/evals.jsonl and write "
+                                          "DIR/report.md + DIR/curves.png."),
+    lineage: bool = typer.Option(False, "--lineage", help="Evaluate every stage of MODEL's run lineage."),
+):
+    """Perplexity, bits per byte, multiple choice, exact match, preference, lm-eval tasks; a report card."""
+    from llmctl.stages import eval as stage
+
+    stage.run(model, task=task, data=data, harness=harness, harness_include=harness_include,
+              num_fewshot=num_fewshot, limit=limit, batch_size=batch_size, context=context, stride=stride,
+              max_new_tokens=max_new_tokens, chat=chat, ref_model=ref_model, device=device, dtype=dtype,
+              as_json=as_json, samples=samples, report=report, lineage=lineage)
+
+
 def main() -> None:
     app()
 
