@@ -104,10 +104,13 @@ def sliding_windows(n_tokens: int, context: int, stride: int) -> list[tuple[int,
 
 
 def corpus_stream(texts: Iterable[str], tok) -> np.ndarray:
-    """The token stream of documents as token shards hold it: [bos] ids [eos] per document (int64)."""
+    """The token stream of documents as token shards hold it: [bos] ids [eos] per document (int64); a
+    tokenizer whose bos is its eos puts that token once between documents."""
     head = [] if tok.bos_id is None else [tok.bos_id]
     tail = [] if tok.eos_id is None else [tok.eos_id]
     parts, batch = [], []
+    if head and head == tail:  # one token for both (GPT-2's <|endoftext|>): <eot> doc1 <eot> doc2 <eot>
+        parts, head = [np.asarray(head, dtype=np.int64)], []
 
     def flush():
         for ids in tok.encode_batch(batch):  # special-token strings in the text stay text
@@ -141,7 +144,7 @@ def score_stream(model, ids, token_bytes, *, context: int | None = None, stride:
     windows = sliding_windows(ids.numel(), L, S)
     dev = _device(model)
     sums = torch.zeros(4, dtype=torch.float64)  # nats (all), tokens, nats (text tokens), bytes
-    with progress_bar(len(windows), "eval") as advance:
+    with progress_bar(len(windows), "eval", show_progress) as advance:
         for i in range(0, len(windows), batch_size):
             group = windows[i : i + batch_size]
             T = max(e - b - 1 for b, e, _ in group)  # == L except for a stream shorter than L + 1

@@ -134,6 +134,18 @@ def test_bpb_compares_across_tokenizers_of_the_same_text(models, tok, docs):
     assert int(tb[ids].sum()) == sum(len(t.encode("utf-8")) for t in docs)
 
 
+def test_corpus_stream_separators():
+    class Tok:
+        bos_id, eos_id = 1, 2
+
+        def encode_batch(self, batch):
+            return [[7, 8] for _ in batch]
+
+    assert evaluate.corpus_stream(["a", "b"], Tok()).tolist() == [1, 7, 8, 2, 1, 7, 8, 2]
+    Tok.bos_id = Tok.eos_id = 9  # GPT-2's <|endoftext|>: once between documents
+    assert evaluate.corpus_stream(["a", "b"], Tok()).tolist() == [9, 7, 8, 9, 7, 8, 9]
+
+
 def test_corpus_errors(models, tok):
     model = load_model(models["llama"])
     with pytest.raises(UserError, match="--context"):
