@@ -27,8 +27,13 @@ drop = 1 - last["val_bpb"] / first["val_bpb"]
 print(f"val bpb: step {first['step']}: {first['val_bpb']:.3f} -> step {last['step']}: {last['val_bpb']:.3f} "
       f"({drop:.0%} lower)")
 PY
-echo "greedy sample:"
-$PYTHON examples/sample.py "$D/pretrain" "The Python interpreter" --max-new-tokens 40
+echo "greedy sample (llmctl generate):"
+printf '%s' "The Python interpreter"
+$LLMCTL generate --model "$D/pretrain" --temperature 0 --max-new-tokens 40 "The Python interpreter"
+echo "sampled, top-p 0.9, one prompt per line (examples/pipelines.sh has more):"
+printf 'The Python interpreter\nA list is\nTo open a file,\n' > "$D/prompts.txt"
+$LLMCTL generate --model "$D/pretrain" --top-p 0.9 --max-new-tokens 24 --seed 0 --stop '\n' < "$D/prompts.txt" |
+  paste -d '' "$D/prompts.txt" -
 
 echo "== eval: bits per byte (first 40 builtin documents), multiple choice, the lm-eval adapter on a local task, report card" >&2
 rm -f "$D/report/evals.jsonl"  # a fresh report card for this run

@@ -1,12 +1,12 @@
-"""Greedy decoding through the Python API: load a MODEL (model dir or run dir), decode with the KV cache.
+"""The generate engine through the Python API: load a MODEL (model dir, checkpoint or run dir), then stream a
+greedy completion, sample a batch with seeds, and run a beam search.
 
     python examples/sample.py runs/demo/pretrain "The Python interpreter" --max-new-tokens 40
 """
 
 import argparse
 
-import torch
-
+from llmctl.engine import Engine, SamplingParams
 from llmctl.hf import load_model
 from llmctl.tokenizer import load_tokenizer
 
@@ -17,20 +17,25 @@ def main():
     ap.add_argument("prompt")
     ap.add_argument("--max-new-tokens", type=int, default=40)
     args = ap.parse_args()
-    model, tok = load_model(args.model).eval(), load_tokenizer(args.model)
-    ids = [tok.bos_id] + tok.encode(args.prompt)
-    n = min(args.max_new_tokens, model.config.block_size - len(ids))
-    cache = model.new_cache(1, len(ids) + n)
-    x = torch.tensor([ids])
-    out = []
-    with torch.no_grad():
-        for _ in range(n):
-            nxt = int(model(x, cache=cache)[0, -1].argmax())
-            if nxt == tok.eos_id:
-                break
-            out.append(nxt)
-            x = torch.tensor([[nxt]])
-    print(args.prompt + tok.decode(out))
+    tok = load_tokenizer(args.model)
+    engine = Engine(load_model(args.model), tok)  # eval mode, fp32 on CPU
+    ids = [tok.bos_id] + tok.encode(args.prompt)  # prompts are token ids; BOS first, as in pretraining
+    ids, _ = engine.fit_prompt(ids, args.max_new_tokens, keep_first=1)  # keep BOS + the end if it is too long
+
+    print("greedy, streamed:")
+    stream = engine.stream(ids, SamplingParams(max_new_tokens=args.max_new_tokens, temperature=0))
+    print(args.prompt, end="", flush=True)
+    for delta in stream:
+        print(delta, end="", flush=True)
+    print(f"\n  [{stream.result.finish_reason}, {stream.result.completion_tokens} tokens]")
+
+    print("three seeded samples in one batch (top-p 0.9, stop at a newline):")
+    params = [SamplingParams(max_new_tokens=args.max_new_tokens, top_p=0.9, stop=["\n"], seed=s) for s in range(3)]
+    for r in engine.generate([ids] * 3, params):
+        print(f"  {args.prompt}{r.text}  [{r.finish_reason}]")
+
+    r = engine.generate([ids], SamplingParams(max_new_tokens=args.max_new_tokens, num_beams=4))[0]
+    print(f"beam search (4 beams, score {r.score:.3f}):\n  {args.prompt}{r.text}")
 
 
 if __name__ == "__main__":

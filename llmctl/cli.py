@@ -204,6 +204,8 @@ def generate(
     batch_size: int = typer.Option(8, "--batch-size", help="Stdin prompts generated together."),
     device: Optional[str] = typer.Option(None, "--device", help="cpu, cuda, cuda:1 ... (default: cuda if "
                                          "available)."),
+    compile: bool = typer.Option(False, "--compile", help="torch.compile the decode step (CUDA graphs on a GPU); "
+                                 "compiling takes a while, so it pays off on long runs."),
 ):
     """Generate text: a PROMPT, or one prompt per stdin line (or JSONL with --json)."""
     if batch_size < 1:
@@ -214,7 +216,8 @@ def generate(
                  repetition_penalty=repetition_penalty, frequency_penalty=frequency_penalty,
                  presence_penalty=presence_penalty, num_beams=num_beams, length_penalty=length_penalty,
                  stop=tuple(stage.unescape(s) for s in stop or ()), seed=seed)
-    stage.run(model, prompt, flags, json_mode=json_mode, chat=chat, batch_size=batch_size, device=device)
+    stage.run(model, prompt, flags, json_mode=json_mode, chat=chat, batch_size=batch_size, device=device,
+              compile=compile)
 
 
 # --------------------------------------------------------------------------------------------- eval

@@ -30,6 +30,8 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from llmctl.fastdecode import FastDecode
+
 FINISH_REASONS = ("stop", "length", "eos")
 
 
@@ -97,7 +99,7 @@ def sample(logits, u, temperature, top_k=None, top_p=None, min_p=None):
     thr = None
     if top_k is not None or top_p is not None:
         ps = _sort_desc(p)  # [B, V]
-        k = torch.where(top_k > 0, top_k.clamp(max=V), V) if top_k is not None else torch.full_like(u, V, dtype=torch.long)
+        k = torch.full_like(u, V, dtype=torch.long) if top_k is None else torch.where(top_k > 0, top_k.clamp(max=V), V)
         thr = ps.gather(1, (k - 1)[:, None])[:, 0] if top_k is not None else torch.zeros_like(u)
         if top_p is not None:  # keep sorted position j while the mass before it is < top_p (of the top-k mass)
             cs = ps.cumsum(dim=-1)
@@ -144,127 +146,6 @@ def _base(model):
     return model
 
 
-class FastDecode:
-    """The one-token decode step of a plain llmctl Transformer, with fewer and faster ops than its forward:
-    q/k/v and gate/up projections fused, weights stored transposed ([in, out]: ~1.5x faster small-batch matmuls
-    on CPU), residual adds fused into the output projections. Same math as `Transformer.forward` with a KV cache
-    (tests hold the logits to 1e-5). The weights are copies, rebuilt when the model's parameters change
-    (`refresh`); `share=True` instead points the model's own Linear weights at them (no extra memory; the model
-    then serves inference only). Not for wrapped layers (LoRA): see `supported`."""
-
-    def __init__(self, model, share: bool = False):
-        self.model, self.cfg, self.share = model, model.config, share
-        self._build()
-
-    @staticmethod
-    def supported(model) -> bool:
-        lin = [m for m in model.modules() if isinstance(m, torch.nn.Linear)]
-        return all(type(m) is torch.nn.Linear for m in lin)
-
-    def _version(self) -> int:
-        return sum(p._version for p in self.model.parameters())
-
-    def refresh(self) -> None:
-        if not self.share and self._version() != self.version:
-            self._build()
-
-    @torch.no_grad()
-    def _build(self) -> None:
-        cfg, m = self.cfg, self.model
-        self.layers = []
-        for blk in m.blocks:
-            if cfg.arch == "llama":
-                a, mlp = blk.self_attn, blk.mlp
-                qkv = self._fuse(a.q_proj, a.k_proj, a.v_proj)
-                gu = self._fuse(mlp.gate_proj, mlp.up_proj)
-                self.layers.append((blk.input_layernorm.weight, *qkv, *self._fuse(a.o_proj),
-                                    blk.post_attention_layernorm.weight, *gu, *self._fuse(mlp.down_proj)))  # fmt: skip
-            else:
-                self.layers.append((blk.ln_1, *self._fuse(blk.attn.c_attn), *self._fuse(blk.attn.c_proj), blk.ln_2,
-                                    *self._fuse(blk.mlp.c_fc), *self._fuse(blk.mlp.c_proj)))  # fmt: skip
-        if cfg.tie_embeddings:  # the embedding keeps its layout: a transposed copy, or a view when sharing
-            self.lm_head = m.lm_head.weight.detach().t() if self.share else m.lm_head.weight.detach().t().contiguous()
-        else:
-            self.lm_head = self._fuse(m.lm_head)[0]
-        if cfg.arch == "llama":
-            half, dtype = cfg.head_dim // 2, m.lm_head.weight.dtype
-            sign = torch.cat([-torch.ones(half), torch.ones(half)]).to(m.rope_sin)
-            # rotate_half(x) * sin == flip_halves(x) * (sign * sin)
-            self.cos, self.sin = m.rope_cos.to(dtype), (m.rope_sin * sign).to(dtype)
-        self.version = self._version()
-
-    def _fuse(self, *lins):
-        """The Linear layers' weights concatenated along `out` and transposed to [in, out]; their bias (or None)."""
-        w = torch.cat([lin.weight.detach() for lin in lins]).t().contiguous()
-        b = torch.cat([lin.bias.detach() for lin in lins]) if lins[0].bias is not None else None
-        if self.share:  # the model's weights become views of the fused copy
-            o = 0
-            for lin in lins:
-                n = lin.weight.size(0)
-                lin.weight.data = w[:, o : o + n].t()
-                if b is not None:
-                    lin.bias.data = b[o : o + n]
-                o += n
-        return w, b
-
-    def __call__(self, x, cache, position=None, mask=None):
-        """x [B] next tokens; position [B] their positions (None: cache.pos for all); mask [B, cache.pos + 1]
-        key mask (None: attend to all) -> logits [B, V] (fp32). Writes the cache and advances cache.pos."""
-        cfg, P = self.cfg, cache.pos
-        B, nh, nkv, hd = x.size(0), cfg.n_head, cfg.n_kv_head, cfg.head_dim
-        if P + 1 > cache.max_len:
-            raise ValueError(f"KV cache full: {P + 1} positions needed, max_len is {cache.max_len}")
-        am = None if mask is None else mask[:, None, None, :]  # [B, 1, 1, P+1]
-        llama = cfg.arch == "llama"
-        if llama:
-            h = self.model.model.embed_tokens(x)  # [B, C]
-            pos = P if position is None else position
-            cos, sin = self.cos[pos], self.sin[pos]  # [hd] or [B, hd]
-            if position is not None:
-                cos, sin = cos[:, None], sin[:, None]  # [B, 1, hd]
-        else:
-            pos = torch.full_like(x, P) if position is None else position
-            h = self.model.transformer.wte(x) + self.model.transformer.wpe(pos)
-        for i, layer in enumerate(self.layers):
-            if llama:
-                ln1, wqkv, bqkv, wo, bo, ln2, wgu, _, wd, _ = layer
-                xn = _rms(h, ln1, cfg.norm_eps)
-                qkv = (xn @ wqkv if bqkv is None else torch.addmm(bqkv, xn, wqkv)).view(B, nh + 2 * nkv, hd)
-                qk = qkv[:, : nh + nkv]
-                qk = torch.addcmul(qk * cos, qk.view(B, nh + nkv, 2, hd // 2).flip(2).view(B, nh + nkv, hd), sin)
-                q, k, v = qk[:, :nh], qk[:, nh:], qkv[:, nh + nkv :]
-            else:
-                ln1, wqkv, bqkv, wo, bo, ln2, wfc, bfc, wp, bp = layer
-                xn = F.layer_norm(h, ln1.normalized_shape, ln1.weight, ln1.bias, ln1.eps)
-                qkv = torch.addmm(bqkv, xn, wqkv).view(B, 3 * nh, hd)
-                q, k, v = qkv[:, :nh], qkv[:, nh : 2 * nh], qkv[:, 2 * nh :]
-            kc, vc = cache.k[i], cache.v[i]
-            kc[:, :, P] = k
-            vc[:, :, P] = v
-            y = F.scaled_dot_product_attention(q[:, :, None], kc[:, :, : P + 1], vc[:, :, : P + 1], attn_mask=am,
-                                               enable_gqa=nkv != nh)  # fmt: skip
-            h = torch.addmm(h, y.view(B, nh * hd), wo)  # residual add fused
-            if bo is not None:
-                h = h + bo
-            if llama:
-                gu = _rms(h, ln2, cfg.norm_eps) @ wgu
-                inter = gu.size(1) // 2
-                h = torch.addmm(h, F.silu(gu[:, :inter]) * gu[:, inter:], wd)
-            else:
-                xn = F.layer_norm(h, ln2.normalized_shape, ln2.weight, ln2.bias, ln2.eps)
-                h = torch.addmm(h, F.gelu(torch.addmm(bfc, xn, wfc), approximate="tanh"), wp) + bp
-        cache.pos = P + 1
-        m = self.model
-        h = _rms(h, m.model.norm.weight, cfg.norm_eps) if llama else m.transformer.ln_f(h)
-        return (h @ self.lm_head).float()
-
-
-def _rms(x, w, eps):
-    """RMSNorm exactly as llmctl.model.RMSNorm (fp32 statistics)."""
-    xf = x.float()
-    return w * (xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + eps)).to(x.dtype)
-
-
 class _Batch:
     """Per-row decoding state of a sampled batch; `keep(rows)` drops finished rows (cache included)."""
 
@@ -286,18 +167,31 @@ class _Batch:
         self.idx, self.mask = idx.to(dev), self.mask.to(dev)
         self.lens = torch.tensor(lens, device=dev)  # position of each row's next token
         self.L = L
-        self.cache = m.new_cache(B, L + self.N)
-        f = lambda name: torch.tensor([float(getattr(p, name)) for p in self.params], device=dev)  # noqa: E731
-        self.greedy = torch.tensor([p.temperature == 0 for p in self.params], device=dev)
-        self.all_greedy = bool(self.greedy.all())
-        self.any_greedy = bool(self.greedy.any())
-        self.temp = torch.where(self.greedy, 1.0, f("temperature"))
-        self.top_k = torch.tensor([p.top_k for p in self.params], device=dev) if any(p.top_k for p in self.params) else None
-        self.top_p = f("top_p") if any(p.top_p < 1 for p in self.params) else None
-        self.min_p = f("min_p") if any(p.min_p > 0 for p in self.params) else None
-        self.rep = f("repetition_penalty") if any(p.repetition_penalty != 1 for p in self.params) else None
-        self.freq = f("frequency_penalty") if any(p.frequency_penalty or p.presence_penalty for p in self.params) else None
-        self.pres = f("presence_penalty") if self.freq is not None else None
+        self.static = engine.compiled is not None and engine._fast() is not None
+        if self.static:  # few distinct shapes for torch.compile: the cache length in steps of 64
+            self.cache = m.new_cache(B, min(engine.block_size, -(-(L + self.N) // 64) * 64))
+            self.smask = torch.zeros(B, self.cache.max_len, dtype=torch.bool, device=dev)
+            self.smask[:, :L] = self.mask[:, :L]  # prompt (minus padding); slots open as tokens are written
+            self.slot = torch.zeros(1, dtype=torch.long, device=dev)
+            if dev.type == "cuda":  # CUDA graphs may write the cache in place
+                for buf in self.cache.k + self.cache.v:
+                    torch._dynamo.mark_static_address(buf)
+        else:
+            self.cache = m.new_cache(B, L + self.N)
+        ps = self.params
+
+        def col(name, used, dtype=torch.float32):  # a per-row setting [B], or None when no row uses it
+            return torch.tensor([getattr(p, name) for p in ps], dtype=dtype, device=dev) if used else None
+
+        self.greedy = torch.tensor([p.temperature == 0 for p in ps], device=dev)
+        self.all_greedy, self.any_greedy = bool(self.greedy.all()), bool(self.greedy.any())
+        self.temp = torch.where(self.greedy, 1.0, col("temperature", True))
+        self.top_k = col("top_k", any(p.top_k for p in ps), torch.long)
+        self.top_p = col("top_p", any(p.top_p < 1 for p in ps))
+        self.min_p = col("min_p", any(p.min_p > 0 for p in ps))
+        self.rep = col("repetition_penalty", any(p.repetition_penalty != 1 for p in ps))
+        self.freq = col("frequency_penalty", any(p.frequency_penalty or p.presence_penalty for p in ps))
+        self.pres = col("presence_penalty", self.freq is not None)
         V = m.config.vocab_size
         self.seen = self.counts = None
         if self.rep is not None:  # tokens of the prompt and the completion
@@ -370,11 +264,19 @@ class Engine:
     """Batched generation with a KV cache for an llmctl Transformer (eval mode, any device / dtype)."""
 
     def __init__(self, model, tokenizer=None, *, eos_ids: Sequence[int] | None = None, fast: bool = True,
-                 share_weights: bool = False, sync_every: int | None = None):  # fmt: skip
+                 share_weights: bool = False, compile: bool | str = False, sync_every: int | None = None):  # fmt: skip
         """fast: decode with FastDecode (copies of the weights; share_weights: re-point the model's weights at
-        them instead, for an inference-only model). eos_ids: default the tokenizer's and the config's EOS."""
+        them instead, for an inference-only model). compile: run its static-shape step through torch.compile
+        (True: inductor, with CUDA graphs on a GPU; a string: that backend); sampled batches only, rows are then
+        not dropped from a batch. eos_ids: default the tokenizer's and the config's EOS."""
         self.model = _base(model)
         self.fast = FastDecode(self.model, share_weights) if fast and FastDecode.supported(self.model) else None
+        self.compiled = None
+        if compile and self.fast is not None:
+            backend = compile if isinstance(compile, str) else "inductor"
+            mode = "reduce-overhead" if backend == "inductor" and self.model.lm_head.weight.is_cuda else None
+            self.compiled = torch.compile(self.fast.static_step, backend=backend, mode=mode, fullgraph=True,
+                                          dynamic=False)  # fmt: skip
         self.tokenizer = tokenizer
         cfg = self.model.config
         self.block_size = cfg.block_size
@@ -402,14 +304,15 @@ class Engine:
         return p.seed if p.seed is not None else int(torch.randint(0, 2**62, ()).item())
 
     @torch.inference_mode()
-    def generate(self, prompts: Sequence[Sequence[int]], params: SamplingParams | Sequence[SamplingParams] | None = None,
-                 *, batch_size: int | None = None) -> list[Result]:  # fmt: skip
+    def generate(self, prompts: Sequence[Sequence[int]],
+                 params: SamplingParams | Sequence[SamplingParams] | None = None, *,
+                 batch_size: int | None = None) -> list[Result]:  # fmt: skip
         """One Result per prompt, in order. Sampled prompts run `batch_size` at a time (default: all), longest
         first; beam-search prompts one at a time."""
         params = self._params(prompts, params)
         out: list[Result | None] = [None] * len(prompts)
         sampled = [i for i, p in enumerate(params) if p.num_beams == 1]
-        for i in set(range(len(prompts))) - set(sampled):
+        for i in (i for i, p in enumerate(params) if p.num_beams > 1):
             out[i] = self._beam_search(list(prompts[i]), params[i])
         sampled.sort(key=lambda i: -len(prompts[i]))
         bs = batch_size or max(1, len(sampled))
@@ -459,7 +362,9 @@ class Engine:
         anchor = list(prompt[-3:])
         head = dec(anchor, skip_special_tokens=True)
         full = dec(anchor + list(tokens), skip_special_tokens=True)
-        return full[len(head) :] if full.startswith(head) and "\ufffd" not in head[-1:] else dec(tokens, skip_special_tokens=True)
+        if full.startswith(head) and "\ufffd" not in head[-1:]:
+            return full[len(head) :]
+        return dec(tokens, skip_special_tokens=True)
 
     def _fast(self):
         """The FastDecode to use now (None: the model's forward), its weights up to date."""
@@ -470,6 +375,12 @@ class Engine:
 
     def _forward(self, b: _Batch, x: torch.Tensor, t: int) -> torch.Tensor:
         """Decode step t: the tokens x [B] at positions lens + t -> logits [B, V] (fp32)."""
+        if b.static:
+            slot = b.L + t
+            b.smask[:, slot] = True
+            b.slot.fill_(slot)
+            b.cache.pos = slot + 1
+            return self.compiled(x, b.cache.k, b.cache.v, b.slot, b.lens + t, b.smask)
         if b.fast is not None:
             if b.padded:
                 return b.fast(x, b.cache, b.lens + t, b.mask[:, : b.L + t + 1])
@@ -482,14 +393,17 @@ class Engine:
     def _decode(self, prompts, params, rows, stream: bool = False):
         """Generator: decode prompts[rows] as one batch; yields text deltas of row 0 when `stream`, returns Results."""
         b = _Batch(self, prompts, params, rows)
-        b.fast = self._fast()
+        b.fast = self._fast() if not b.static else self.fast
         gen: list[list[int]] = [[] for _ in rows]  # per batch position
         reason: list[str | None] = ["length" if n == 0 else None for n in b.limit]
-        results = {b.rows[r]: self._result(prompts[b.rows[r]], [], "length", ()) for r, n in enumerate(b.limit) if n == 0}
+        results = {b.rows[r]: self._result(prompts[b.rows[r]], [], "length", ())
+                   for r, n in enumerate(b.limit) if n == 0}  # fmt: skip
         if b.N == 0:
             return [results[i] for i in rows]
         m = self.model
-        pos = (torch.arange(b.L, device=self.device)[None, :] - (b.L - b.lens)[:, None]).clamp_(min=0) if b.padded else None
+        pos = None  # left padding: positions count from each row's first real token
+        if b.padded:
+            pos = (torch.arange(b.L, device=self.device)[None, :] - (b.L - b.lens)[:, None]).clamp_(min=0)
         h = m(b.idx, position_ids=pos, cache=b.cache, attn_mask=b.mask[:, : b.L] if b.padded else None,
               return_hidden=True)[:, -1]  # fmt: skip
         logits = m.lm_head(h).float()  # [B, V]: the prompt's last position only
@@ -528,7 +442,7 @@ class Engine:
                 alive = [r for r in range(len(reason)) if reason[r] is None]
                 if not alive:
                     break
-                if len(alive) <= len(reason) // 2:  # compact the batch: drop the finished rows
+                if len(alive) <= len(reason) // 2 and not b.static:  # compact the batch: drop the finished rows
                     tok = tok.index_select(0, torch.tensor(alive, device=tok.device))
                     b.keep(alive)
                     gen, reason = [gen[r] for r in alive], [None] * len(alive)
@@ -623,7 +537,7 @@ class Engine:
             if len(finished) == n and run_scores[0] / (t + 1) ** p.length_penalty <= finished[-1][0]:
                 break
             logits = fast(tok_t, cache) if fast is not None else m(tok_t[:, None], cache=cache)[:, -1]
-        score, best = finished[0] if finished else (float(scores[0]) / max(1, len(seqs[0])) ** p.length_penalty, seqs[0])
+        score, best = finished[0] if finished else (0.0, [])  # max_new_tokens 0
         reason = "eos" if best and best[-1] in eos else "length"
         r = self._result(prompt, best, reason, p.stop)
         r.score = score

@@ -7,7 +7,8 @@ import torch
 from scipy import stats
 
 from llmctl import hf
-from llmctl.engine import Engine, FastDecode, SamplingParams, sample
+from llmctl.engine import Engine, SamplingParams, sample
+from llmctl.fastdecode import FastDecode
 from llmctl.model import ModelConfig, Transformer
 
 V = 512  # the conftest tokenizer's vocabulary
@@ -132,6 +133,19 @@ def test_kv_cache_decode_logits_equal_full_forward(kw):
             logits = fast(torch.tensor([cont[0][t]]), cache)
             torch.testing.assert_close(logits[0], full[0][14 + t], atol=1e-4, rtol=0)
     assert engine.fast is not None
+
+
+def test_compiled_static_decode_step_equals_eager():
+    """The static-shape step (whole-cache attention, slot writes) traced whole by torch.compile (fullgraph; the
+    eager backend here, inductor / CUDA graphs in use) gives the same tokens, greedy and sampled."""
+    m = make_model()
+    prompts = prompts_of([7, 1, 12])
+    sp = SamplingParams(max_new_tokens=12, temperature=0)
+    compiled = Engine(m, eos_ids=[], compile="eager")
+    eager = Engine(m, eos_ids=[])
+    assert [r.tokens for r in compiled.generate(prompts, sp)] == [r.tokens for r in eager.generate(prompts, sp)]
+    sp = SamplingParams(max_new_tokens=12, top_p=0.9, seed=5)
+    assert [r.tokens for r in compiled.generate(prompts[:2], sp)] == [r.tokens for r in eager.generate(prompts[:2], sp)]
 
 
 def test_fast_decode_follows_weight_updates_and_sharing():
@@ -270,9 +284,13 @@ def test_rows_stop_on_their_own_and_limits():
     batch = engine.generate(p, [SamplingParams(max_new_tokens=n, temperature=0) for n in (3, 20, 0, 7, 1)])
     assert [r.tokens for r in batch] == alone
     assert [r.completion_tokens for r in batch] == [3, 20, 0, 7, 1]
+    # sampled rows with penalties: dropping finished rows from the batch keeps every row's own state
+    sps = [SamplingParams(max_new_tokens=n, top_k=k, seed=n, repetition_penalty=1.3, frequency_penalty=0.5)
+           for n, k in zip((3, 20, 0, 7, 1), (0, 10, 0, 5, 0))]  # fmt: skip
+    alone = [engine.generate([x], sp)[0].tokens for x, sp in zip(p, sps)]
+    assert [r.tokens for r in engine.generate(p, sps)] == alone
     # batch_size chunks keep the order
-    chunked = engine.generate(p, [SamplingParams(max_new_tokens=n, temperature=0) for n in (3, 20, 0, 7, 1)],
-                              batch_size=2)  # fmt: skip
+    chunked = engine.generate(p, sps, batch_size=2)
     assert [r.tokens for r in chunked] == alone
     # the context ends generation: block_size 96
     r = engine.generate([list(range(5, 90))], SamplingParams(max_new_tokens=50, temperature=0))[0]

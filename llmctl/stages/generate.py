@@ -82,7 +82,7 @@ def escape(s: str) -> str:
     return s.translate(_ESCAPE_TABLE)
 
 
-def load_engine(model_path, device: str | None = None):
+def load_engine(model_path, device: str | None = None, compile: bool = False):
     """Engine for a MODEL (model dir, checkpoint or run dir): fp32 on CPU, bf16 on a GPU that has it."""
     import torch
 
@@ -107,7 +107,8 @@ def load_engine(model_path, device: str | None = None):
         except (OSError, ValueError, AttributeError):
             v = None
         eos |= set(v) if isinstance(v, list) else {v}
-    return Engine(model, tok, eos_ids=[int(i) for i in eos if isinstance(i, int)], share_weights=True)
+    eos_ids = [int(i) for i in eos if isinstance(i, int)]
+    return Engine(model, tok, eos_ids=eos_ids, share_weights=True, compile=compile)
 
 
 def encode(engine, text: str | None, chat: bool, messages=None) -> list[int]:
@@ -188,14 +189,14 @@ def parse_json_item(engine, line: str, where: str, base: dict, chat: bool, warne
 
 
 def run(model, prompt: str | None, flags: dict, *, json_mode: bool, chat: bool, batch_size: int,
-        device: str | None = None, stdin: TextIO | None = None, stdout: TextIO | None = None,
-        stderr: TextIO | None = None) -> None:  # fmt: skip
+        device: str | None = None, compile: bool = False, stdin: TextIO | None = None,
+        stdout: TextIO | None = None, stderr: TextIO | None = None) -> None:  # fmt: skip
     """The command: validate the flags, load the MODEL, then answer the PROMPT or every stdin line."""
     import torch
 
     stdin, stdout, stderr = stdin or sys.stdin, stdout or sys.stdout, stderr or sys.stderr
     make_params({k: v for k, v in flags.items() if v is not None})  # flag errors before the model loads
-    engine = load_engine(model, device)
+    engine = load_engine(model, device, compile)
     base = dict(flags)
     if base.get("max_new_tokens") is None:
         base["max_new_tokens"] = min(DEFAULT_MAX_NEW_TOKENS, engine.block_size // 2)

@@ -1,0 +1,155 @@
+"""The one-token decode step of a Transformer, lean and fast, for the generate engine (llmctl/engine.py).
+
+`Transformer.forward` is written for training and readability; at decode time (one token per row) a small model
+on a CPU spends as much time dispatching ops as multiplying. FastDecode computes the same logits with fewer,
+larger ops: q/k/v and gate/up projections fused into one matmul each, weights stored [in, out] (faster
+matrix-vector and small-batch products on CPU), the residual adds fused into the output projections, RoPE as
+one fused multiply-add. Tests hold its logits to the full forward's (fp32, 1e-4).
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+
+class FastDecode:
+    """The one-token decode step of a plain llmctl Transformer (same math as `Transformer.forward` with a KV
+    cache). Its weights are fused, transposed copies, rebuilt when the model's parameters change (`refresh`, e.g.
+    between RL rollouts); `share=True` instead re-points the model's own Linear weights at them (views: no extra
+    memory, in-place updates seen at once; the model keeps working, with non-contiguous weights). Not for
+    wrapped layers such as LoRA's (`supported`): the engine then uses the model's forward."""
+
+    def __init__(self, model, share: bool = False):
+        self.model, self.cfg, self.share = model, model.config, share
+        self._build()
+
+    @staticmethod
+    def supported(model) -> bool:
+        lin = [m for m in model.modules() if isinstance(m, torch.nn.Linear)]
+        return all(type(m) is torch.nn.Linear for m in lin)
+
+    def _version(self) -> int:
+        return sum(p._version for p in self.model.parameters())
+
+    def refresh(self) -> None:
+        if not self.share and self._version() != self.version:
+            self._build()
+
+    @torch.no_grad()
+    def _build(self) -> None:
+        cfg, m = self.cfg, self.model
+        self.layers = []
+        for blk in m.blocks:
+            if cfg.arch == "llama":
+                a, mlp = blk.self_attn, blk.mlp
+                qkv = self._fuse(a.q_proj, a.k_proj, a.v_proj)
+                gu = self._fuse(mlp.gate_proj, mlp.up_proj)
+                self.layers.append((blk.input_layernorm.weight, *qkv, *self._fuse(a.o_proj),
+                                    blk.post_attention_layernorm.weight, *gu, *self._fuse(mlp.down_proj)))  # fmt: skip
+            else:
+                self.layers.append((blk.ln_1, *self._fuse(blk.attn.c_attn), *self._fuse(blk.attn.c_proj), blk.ln_2,
+                                    *self._fuse(blk.mlp.c_fc), *self._fuse(blk.mlp.c_proj)))  # fmt: skip
+        if cfg.tie_embeddings:  # the embedding keeps its layout: a transposed copy, or a view when sharing
+            self.lm_head = m.lm_head.weight.detach().t() if self.share else m.lm_head.weight.detach().t().contiguous()
+        else:
+            self.lm_head = self._fuse(m.lm_head)[0]
+        if cfg.arch == "llama":
+            half, dtype = cfg.head_dim // 2, m.lm_head.weight.dtype
+            sign = torch.cat([-torch.ones(half), torch.ones(half)]).to(m.rope_sin)
+            # rotate_half(x) * sin == flip_halves(x) * (sign * sin)
+            self.cos, self.sin = m.rope_cos.to(dtype), (m.rope_sin * sign).to(dtype)
+        self.version = self._version()
+
+    def _fuse(self, *lins):
+        """The Linear layers' weights concatenated along `out` and transposed to [in, out]; their bias (or None)."""
+        w = torch.cat([lin.weight.detach() for lin in lins]).t().contiguous()
+        b = torch.cat([lin.bias.detach() for lin in lins]) if lins[0].bias is not None else None
+        if self.share:  # the model's weights become views of the fused copy
+            o = 0
+            for lin in lins:
+                n = lin.weight.size(0)
+                lin.weight.data = w[:, o : o + n].t()
+                if b is not None:
+                    lin.bias.data = b[o : o + n]
+                o += n
+        return w, b
+
+    def __call__(self, x, cache, position=None, mask=None):
+        """x [B] next tokens; position [B] their positions (None: cache.pos for all); mask [B, cache.pos + 1]
+        key mask (None: attend to all) -> logits [B, V] (fp32). Writes the cache and advances cache.pos."""
+        P = cache.pos
+        if P + 1 > cache.max_len:
+            raise ValueError(f"KV cache full: {P + 1} positions needed, max_len is {cache.max_len}")
+
+        def kv(i, k, v):  # k, v [B, nkv, hd] -> all keys / values so far [B, nkv, P+1, hd]
+            kc, vc = cache.k[i], cache.v[i]
+            kc[:, :, P] = k
+            vc[:, :, P] = v
+            return kc[:, :, : P + 1], vc[:, :, : P + 1]
+
+        out = self._step(x, P if position is None else position, None if mask is None else mask[:, None, None, :], kv)
+        cache.pos = P + 1
+        return out
+
+    def static_step(self, x, ks, vs, slot, position, mask):
+        """The same step with static shapes, for torch.compile / CUDA graphs: the new keys / values go to cache
+        slot `slot` (a 1-element long tensor) of the whole buffers ks / vs ([B, nkv, max_len, hd] per layer), and
+        attention spans the whole buffer, so mask [B, max_len] must hide the unwritten slots (and padding).
+        position [B] long. Does not touch a KVCache's `pos`."""
+
+        def kv(i, k, v):
+            ks[i].index_copy_(2, slot, k[:, :, None])
+            vs[i].index_copy_(2, slot, v[:, :, None])
+            return ks[i], vs[i]
+
+        return self._step(x, position, mask[:, None, None, :], kv)
+
+    def _step(self, x, pos, am, kv):
+        """Embed x [B] at positions pos (int or [B]), run the blocks (kv(layer, k, v) stores the new keys / values
+        and returns the ones to attend to; am: key mask [B, 1, 1, S] or None), return logits [B, V] fp32."""
+        cfg, m = self.cfg, self.model
+        B, nh, nkv, hd = x.size(0), cfg.n_head, cfg.n_kv_head, cfg.head_dim
+        llama = cfg.arch == "llama"
+        if llama:
+            h = m.model.embed_tokens(x)  # [B, C]
+            cos, sin = self.cos[pos], self.sin[pos]  # [hd] or [B, hd]
+            if cos.dim() == 2:
+                cos, sin = cos[:, None], sin[:, None]  # [B, 1, hd]
+        else:
+            h = m.transformer.wte(x) + m.transformer.wpe(torch.full_like(x, pos) if isinstance(pos, int) else pos)
+        for i, layer in enumerate(self.layers):
+            if llama:
+                ln1, wqkv, bqkv, wo, bo, ln2, wgu, _, wd, _ = layer
+                xn = _rms(h, ln1, cfg.norm_eps)
+                qkv = (xn @ wqkv if bqkv is None else torch.addmm(bqkv, xn, wqkv)).view(B, nh + 2 * nkv, hd)
+                qk = qkv[:, : nh + nkv]
+                qk = torch.addcmul(qk * cos, qk.view(B, nh + nkv, 2, hd // 2).flip(2).view(B, nh + nkv, hd), sin)
+                q, k, v = qk[:, :nh], qk[:, nh:], qkv[:, nh + nkv :]
+            else:
+                ln1, wqkv, bqkv, wo, bo, ln2, wfc, bfc, wp, bp = layer
+                xn = F.layer_norm(h, ln1.normalized_shape, ln1.weight, ln1.bias, ln1.eps)
+                qkv = torch.addmm(bqkv, xn, wqkv).view(B, 3 * nh, hd)
+                q, k, v = qkv[:, :nh], qkv[:, nh : 2 * nh], qkv[:, 2 * nh :]
+            kk, vv = kv(i, k, v)
+            y = F.scaled_dot_product_attention(q[:, :, None], kk, vv, attn_mask=am, enable_gqa=nkv != nh)
+            h = torch.addmm(h, y.view(B, nh * hd), wo)  # residual add fused
+            if bo is not None:
+                h = h + bo
+            if llama:
+                gu = _rms(h, ln2, cfg.norm_eps) @ wgu
+                inter = gu.size(1) // 2
+                h = torch.addmm(h, F.silu(gu[:, :inter]) * gu[:, inter:], wd)
+            else:
+                xn = F.layer_norm(h, ln2.normalized_shape, ln2.weight, ln2.bias, ln2.eps)
+                h = torch.addmm(h, F.gelu(torch.addmm(bfc, xn, wfc), approximate="tanh"), wp) + bp
+        h = _rms(h, m.model.norm.weight, cfg.norm_eps) if llama else m.transformer.ln_f(h)
+        return (h @ self.lm_head).float()
+
+
+def _rms(x, w, eps):
+    """RMSNorm as llmctl.model.RMSNorm (fp32 statistics, cast back before the weight); fp32: the fused op."""
+    if x.dtype == torch.float32:
+        return F.rms_norm(x, w.shape, w, eps)
+    xf = x.float()
+    return w * (xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + eps)).to(x.dtype)
