@@ -70,7 +70,7 @@ def token_logprobs(model, h: torch.Tensor, targets: torch.Tensor, greedy: bool =
     """log p(targets) [N] (fp32) from final hidden states h [N, C] through the model's lm_head, a chunk of rows
     at a time (the [N, vocab] logits never exist whole); with greedy, also whether each target is the argmax."""
     n, vocab = h.size(0), model.config.vocab_size
-    chunk = max(32, 2**19 // vocab)  # ~2 MB of fp32 logits: the softmax stays in cache
+    chunk = max(32, 2**21 // vocab)  # ~8 MB of fp32 logits a chunk: the fastest tried on CPU (vocab 4k, 8k)
     out = torch.empty(n, dtype=torch.float32, device=h.device)
     hits = torch.empty(n, dtype=torch.bool, device=h.device) if greedy else None
     for s in range(0, n, chunk):
