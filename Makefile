@@ -21,6 +21,8 @@ demo: $(STAMP)
 
 bench: $(STAMP)
 	$(PYTHON) benchmarks/pretrain_vs_hf.py
+	$(PYTHON) benchmarks/generate_vs_hf.py
+	$(PYTHON) benchmarks/eval_bpb_vs_hf.py
 
 clean:
 	rm -rf .make runs/demo
