@@ -179,3 +179,28 @@ def test_closed_pipe_ends_quietly(model_dir):
                  "echo \"rc=${PIPESTATUS[1]}\" >&2")  # fmt: skip
     assert len(r.stdout.splitlines()) == 1
     assert "rc=0" in r.stderr and "Traceback" not in r.stderr and "error" not in r.stderr, r.stderr
+
+
+def test_prompt_streams_to_a_terminal(model_dir):
+    """stdout a terminal: the completion is written piece by piece as tokens arrive, then a newline."""
+    import io
+
+    from llmctl.stages import generate as stage
+
+    class Tty(io.StringIO):
+        writes: list = []
+
+        def isatty(self):
+            return True
+
+        def write(self, s):
+            self.writes.append(s)
+            return super().write(s)
+
+    out = Tty()
+    flags = dict(max_new_tokens=20, temperature=0.0, top_k=0, top_p=1.0, min_p=0.0, repetition_penalty=1.0,
+                 frequency_penalty=0.0, presence_penalty=0.0, num_beams=1, length_penalty=1.0, stop=(), seed=None)
+    stage.run(model_dir, "The Python", flags, json_mode=False, chat=False, batch_size=8, stdout=out,
+              stderr=io.StringIO())  # fmt: skip
+    want = gen("--model", model_dir, "--temperature", 0, "--max-new-tokens", 20, "The Python")[1]
+    assert out.getvalue() == want and len(out.writes) > 3

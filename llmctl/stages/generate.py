@@ -123,8 +123,13 @@ def encode(engine, text: str | None, chat: bool, messages=None) -> list[int]:
             raise UserError(f"--chat: the tokenizer {tok.path} has no chat template")
         from jinja2.sandbox import ImmutableSandboxedEnvironment
 
+        def raise_exception(msg):
+            raise UserError(f"--chat: the chat template says: {msg}")
+
+        env = ImmutableSandboxedEnvironment(trim_blocks=True, lstrip_blocks=True)  # as transformers renders it
+        env.globals["raise_exception"] = raise_exception
         name = lambda i: tok.id_to_token(i) if i is not None else ""  # noqa: E731
-        rendered = ImmutableSandboxedEnvironment().from_string(template).render(
+        rendered = env.from_string(template).render(
             messages=msgs, add_generation_prompt=True, bos_token=name(tok.bos_id), eos_token=name(tok.eos_id))
         return tok.encode(rendered, allow_special=True)
     ids = tok.encode(text)
