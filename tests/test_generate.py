@@ -102,7 +102,9 @@ def test_empty_lines_and_prompts_longer_than_the_context(model_dir):
     code, out, err = gen("--model", model_dir, "--max-new-tokens", 16, "--json", input=json.dumps({"prompt": long}))
     assert code == 0 and json.loads(out)["prompt_tokens"] == 96 - 16 and "warning: stdin:1" in err
     code, out, err = gen("--model", model_dir, "--max-new-tokens", 96, input="hi\n")
-    assert code == 2 and out == "" and err.startswith("error: stdin:1: max_new_tokens (96) must be below")
+    assert code == 2 and out == "" and err.startswith("error: --max-new-tokens (96) must be below the model's context")
+    code, out, err = gen("--model", model_dir, "--json", input='{"prompt": "hi", "max_new_tokens": 100}\n')
+    assert code == 2 and out == "" and err.startswith("error: stdin:1: max_new_tokens (100) must be below")
     # the default max_new_tokens is half the context for a small model
     code, out, err = gen("--model", model_dir, "--json", input='{"prompt": "", "temperature": 0}\n')
     assert code == 0 and json.loads(out)["completion_tokens"] in range(1, 49) and json.loads(out)["prompt_tokens"] == 1

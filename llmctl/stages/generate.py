@@ -205,6 +205,9 @@ def run(model, prompt: str | None, flags: dict, *, json_mode: bool, chat: bool, 
     base = dict(flags)
     if base.get("max_new_tokens") is None:
         base["max_new_tokens"] = min(DEFAULT_MAX_NEW_TOKENS, engine.block_size // 2)
+    elif base["max_new_tokens"] >= engine.block_size:
+        raise UserError(f"--max-new-tokens ({base['max_new_tokens']}) must be below the model's context of "
+                        f"{engine.block_size} tokens")  # fmt: skip
     if chat and engine.tokenizer.im_end_id is not None:
         base["stop_token_ids"] = (engine.tokenizer.im_end_id,)
     seed = base.pop("seed", None)
