@@ -33,6 +33,7 @@ import shutil
 import sys
 import tempfile
 from pathlib import Path
+from typing import Iterator
 
 import numpy as np
 
@@ -127,7 +128,10 @@ def _iter_txt(path: str, name: str):
         yield "".join(para).rstrip("\r\n")
 
 
-def _iter_jsonl(path: str):
+def iter_jsonl(path) -> Iterator[tuple[int, object]]:
+    """(line number, parsed value) for every non-blank line of a .jsonl / .jsonl.gz file. Invalid JSON,
+    undecodable text and unreadable files raise UserError naming the file (and line)."""
+    path = str(path)
     opener = gzip.open if path.endswith(".gz") else open
     try:
         with opener(path, "rt", encoding="utf-8") as f:
@@ -138,14 +142,19 @@ def _iter_jsonl(path: str):
                     row = json.loads(line)
                 except ValueError as e:
                     raise UserError(f"{path}:{lineno}: invalid JSON ({e})") from None
-                text = row.get("text") if isinstance(row, dict) else None
-                if not isinstance(text, str):
-                    raise UserError(f"{path}:{lineno}: expected an object with a string field \"text\"")
-                yield text
+                yield lineno, row
     except UnicodeDecodeError as e:
         raise UserError(f"{path}: not UTF-8 text ({e})") from None
     except (OSError, EOFError) as e:  # e.g. a corrupt .gz
         raise UserError(f"{path}: cannot read ({e})") from None
+
+
+def _iter_jsonl(path: str):
+    for lineno, row in iter_jsonl(path):
+        text = row.get("text") if isinstance(row, dict) else None
+        if not isinstance(text, str):
+            raise UserError(f"{path}:{lineno}: expected an object with a string field \"text\"")
+        yield text
 
 
 def _iter_parquet(path: str):

@@ -30,7 +30,6 @@ from __future__ import annotations
 
 import contextlib
 import decimal
-import gzip
 import json
 import math
 import re
@@ -42,6 +41,7 @@ from typing import Callable, Iterable, Sequence
 import numpy as np
 import torch
 
+from llmctl.data import iter_jsonl
 from llmctl.errors import UserError
 
 # --------------------------------------------------------------------------------------------------- helpers
@@ -409,25 +409,13 @@ def read_jsonl(path, task: str, limit: int | None = None) -> list[dict]:
         raise UserError(f"--data for --task {task} must be a JSONL file, got a directory: {p}")
     shape, check = SCHEMAS[task]
     rows = []
-    try:
-        with (gzip.open if p.name.endswith(".gz") else open)(p, "rt", encoding="utf-8") as f:
-            for lineno, line in enumerate(f, 1):
-                if limit is not None and len(rows) >= limit:
-                    break
-                if not line.strip():
-                    continue
-                try:
-                    row = json.loads(line)
-                except ValueError as e:
-                    raise UserError(f"{p}:{lineno}: invalid JSON ({e})") from None
-                problem = check(row) if isinstance(row, dict) else f"expected an object {shape}"
-                if problem:
-                    raise UserError(f"{p}:{lineno}: {problem} (--task {task} reads {shape})")
-                rows.append(row)
-    except UnicodeDecodeError as e:
-        raise UserError(f"{p}: not UTF-8 text ({e})") from None
-    except (OSError, EOFError) as e:
-        raise UserError(f"{p}: cannot read ({e})") from None
+    for lineno, row in iter_jsonl(p):
+        if limit is not None and len(rows) >= limit:
+            break
+        problem = check(row) if isinstance(row, dict) else f"expected an object {shape}"
+        if problem:
+            raise UserError(f"{p}:{lineno}: {problem} (--task {task} reads {shape})")
+        rows.append(row)
     if not rows:
         raise UserError(f"{p} holds no records")
     return rows
