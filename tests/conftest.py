@@ -55,3 +55,15 @@ def tok(tok_dir):
     from llmctl.tokenizer import load_tokenizer
 
     return load_tokenizer(tok_dir)
+
+
+@pytest.fixture(scope="module")
+def one_thread():
+    """Torch on one thread for a test module: tiny models decode fastest so, and a shared, busy machine can
+    stall multi-threaded ops. Modules opt in with `pytestmark = pytest.mark.usefixtures("one_thread")`."""
+    import torch
+
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)

@@ -14,13 +14,7 @@ from llmctl.model import ModelConfig, Transformer
 V = 512  # the conftest tokenizer's vocabulary
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """Tiny models decode fastest on one thread, and a shared, busy machine can stall multi-threaded ops."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def make_model(arch="llama", seed=0, **kw):
