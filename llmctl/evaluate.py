@@ -88,6 +88,22 @@ def token_logprobs(model, h: torch.Tensor, targets: torch.Tensor, greedy: bool =
 # ---------------------------------------------------------------------------------------- corpus: ppl / bpb
 
 
+def nats_bytes_sums(nats: torch.Tensor, nbytes: torch.Tensor) -> torch.Tensor:
+    """[4] float64 sums for loss and bits per byte: nats (all tokens), tokens, nats of the tokens that stand for
+    text (bytes > 0; special tokens stand for none), their UTF-8 bytes. Sums add across batches and processes."""
+    nats, nbytes = nats.double().cpu(), nbytes.cpu()
+    text = nbytes > 0
+    return torch.stack([nats.sum(), torch.tensor(float(nats.numel()), dtype=torch.float64), nats[text].sum(),
+                        nbytes.sum().double()])  # fmt: skip
+
+
+def loss_and_bpb(sums: torch.Tensor) -> tuple[float, float]:
+    """(mean nats per token, bits per byte) from nats_bytes_sums totals."""
+    loss = (sums[0] / sums[1]).item()
+    bpb = (sums[2] / (math.log(2) * sums[3])).item() if sums[3] > 0 else float("nan")
+    return loss, bpb
+
+
 def sliding_windows(n_tokens: int, context: int, stride: int) -> list[tuple[int, int, int]]:
     """(begin, end, new) per window over a stream of n_tokens (see the module doc): the model reads tokens
     [begin, end - 1) and predicts tokens [begin + 1, end), of which the last `new` are counted. Tokens
@@ -160,14 +176,10 @@ def score_stream(model, ids, token_bytes, *, context: int | None = None, stride:
                 rows = h[keep.to(dev)]
                 pos = (begins[:, None] + torch.arange(T))[keep]
             targets = ids[pos + 1]  # input position p predicts token p + 1
-            nats = -token_logprobs(model, rows, targets.to(dev))[0].double().cpu()
-            nbytes = tb[targets]
-            text = nbytes > 0
-            sums += torch.stack([nats.sum(), torch.tensor(float(nats.numel()), dtype=torch.float64),
-                                 nats[text].sum(), nbytes.sum().double()])  # fmt: skip
+            nats = -token_logprobs(model, rows, targets.to(dev))[0]
+            sums += nats_bytes_sums(nats, tb[targets])
             advance(len(group))
-    loss = (sums[0] / sums[1]).item()
-    bpb = (sums[2] / (math.log(2) * sums[3])).item() if sums[3] > 0 else float("nan")
+    loss, bpb = loss_and_bpb(sums)
     return {"loss": loss, "ppl": math.exp(loss), "bpb": bpb, "tokens": int(sums[1]), "bytes": int(sums[3]),
             "windows": len(windows), "context": L, "stride": S}
 

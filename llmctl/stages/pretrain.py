@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import math
 import sys
 from pathlib import Path
 
@@ -13,6 +12,7 @@ from llmctl import hf, loop
 from llmctl.data import TokenShards
 from llmctl.dist import Dist
 from llmctl.errors import UserError
+from llmctl.evaluate import loss_and_bpb, nats_bytes_sums, token_logprobs
 from llmctl.model import ModelConfig, Transformer
 from llmctl.tokenizer import load_tokenizer
 
@@ -67,22 +67,18 @@ def make_evaluate(shards: TokenShards, token_bytes: np.ndarray, block_size: int,
                   dist: Dist):
     """val_loss (mean nats per token) and val_bpb (bits per UTF-8 byte, over tokens that stand for bytes)."""
     offsets = val_windows(shards, block_size, micro * batches)[dist.rank::dist.world]
-    tb = torch.as_tensor(token_bytes, dtype=torch.float64)
+    tb = torch.as_tensor(token_bytes, dtype=torch.long)
 
     def evaluate(model) -> dict:
-        sums = torch.zeros(4, dtype=torch.float64)  # nats (all), tokens, nats (byte tokens), bytes
+        model = dist.unwrap(model)  # no gradient sync in evaluation; token_logprobs needs the lm_head
+        sums = torch.zeros(4, dtype=torch.float64)
         for i in range(0, len(offsets), micro):
-            w = shards.get(offsets[i:i + micro], block_size + 1).to(dist.device)
-            x, y = w[:, :-1], w[:, 1:]
-            logits = model(x).float()
-            nats = torch.nn.functional.cross_entropy(logits.flatten(0, 1), y.flatten(), reduction="none").double()
-            nbytes = tb[y.flatten().cpu()].to(nats.device)
-            has = nbytes > 0
-            sums += torch.stack([nats.sum(), torch.tensor(float(nats.numel()), dtype=torch.float64,
-                                                          device=nats.device),
-                                 nats[has].sum(), nbytes.sum()]).cpu()
-        sums = dist.all_sum(sums).cpu()
-        return {"val_loss": (sums[0] / sums[1]).item(), "val_bpb": (sums[2] / (math.log(2) * sums[3])).item()}
+            w = shards.get(offsets[i:i + micro], block_size + 1)
+            h = model(w[:, :-1].to(dist.device), return_hidden=True).flatten(0, 1)  # [B*T, C]
+            y = w[:, 1:].flatten()
+            sums += nats_bytes_sums(-token_logprobs(model, h, y.to(h.device))[0], tb[y])
+        val_loss, val_bpb = loss_and_bpb(dist.all_sum(sums).cpu())
+        return {"val_loss": val_loss, "val_bpb": val_bpb}
 
     return evaluate
 
