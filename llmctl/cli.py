@@ -161,6 +161,60 @@ def pretrain(
     stage.run(cfg)
 
 
+@app.command("sft")
+@_guard
+def sft(
+    recipe: Path = typer.Argument(..., help="A recipe YAML (see recipes/)."),
+    overrides: Optional[List[str]] = typer.Argument(None, help="key.path=value overrides (values parsed as YAML)."),
+    dry_run: bool = typer.Option(False, "--dry-run", help="Print the resolved recipe and exit."),
+    show_mask: bool = typer.Option(False, "--show-mask", help="Print the first training examples with the "
+                                   "supervised tokens highlighted (on a terminal; [[...]] otherwise) and exit."),
+):
+    """Supervised fine-tuning of every weight of init_from (a MODEL) on chat / prompt-completion JSONL."""
+    _train("sft", recipe, overrides, dry_run, show_mask)
+
+
+@app.command("lora")
+@_guard
+def lora(
+    recipe: str = typer.Argument(..., metavar="RECIPE|merge", help="A recipe YAML (see recipes/); or `merge`."),
+    overrides: Optional[List[str]] = typer.Argument(None, metavar="[KEY=VALUE...]|ADAPTER",
+                                                    help="key.path=value overrides; after `merge`: the ADAPTER "
+                                                    "(an adapter folder or a lora run directory)."),
+    dry_run: bool = typer.Option(False, "--dry-run", help="Print the resolved recipe and exit."),
+    show_mask: bool = typer.Option(False, "--show-mask", help="Show the supervised tokens of the first examples "
+                                   "and exit."),
+    out: Optional[Path] = typer.Option(None, "--out", help="merge: the model directory to write."),
+    base: Optional[Path] = typer.Option(None, "--base", help="merge: the base MODEL (default: the adapter's "
+                                        "base_model_name_or_path)."),
+):
+    """LoRA / QLoRA fine-tuning through peft (adapters only train), or `llmctl lora merge ADAPTER --out DIR`:
+    merge an adapter into a standalone model directory."""
+    if recipe == "merge":
+        if not overrides or len(overrides) != 1 or out is None:
+            _fail("usage: llmctl lora merge ADAPTER --out DIR [--base MODEL]")
+        from llmctl import lora as lora_lib
+
+        print(lora_lib.merge(overrides[0], out, base))
+        return
+    _train("lora", Path(recipe), overrides, dry_run, show_mask)
+
+
+def _train(kind: str, recipe: Path, overrides, dry_run: bool, show_mask: bool) -> None:
+    from llmctl.config import LoraRecipe, SftRecipe, dump_recipe, load_recipe
+
+    cfg = load_recipe(recipe, overrides or [], LoraRecipe if kind == "lora" else SftRecipe)
+    if dry_run:
+        sys.stdout.write(dump_recipe(cfg))
+        return
+    from llmctl.stages import sft as stage
+
+    if show_mask:
+        stage.show_mask(cfg)
+        return
+    stage.run(cfg, lora=kind == "lora")
+
+
 # --------------------------------------------------------------------------------------------- generate
 
 
@@ -206,6 +260,8 @@ def generate(
                                          "available)."),
     compile: bool = typer.Option(False, "--compile", help="torch.compile the decode step (CUDA graphs on a GPU); "
                                  "compiling takes a while, so it pays off on long runs."),
+    adapter: Optional[Path] = typer.Option(None, "--adapter", help="A LoRA adapter folder or `llmctl lora` run "
+                                           "directory, merged into MODEL (its base) for generation."),
 ):
     """Generate text: a PROMPT, or one prompt per stdin line (or JSONL with --json)."""
     if batch_size < 1:
@@ -217,7 +273,7 @@ def generate(
                  presence_penalty=presence_penalty, num_beams=num_beams, length_penalty=length_penalty,
                  stop=tuple(stage.unescape(s) for s in stop or ()), seed=seed)
     stage.run(model, prompt, flags, json_mode=json_mode, chat=chat, batch_size=batch_size, device=device,
-              compile=compile)
+              compile=compile, adapter=adapter)
 
 
 # --------------------------------------------------------------------------------------------- eval
@@ -253,6 +309,8 @@ def eval_cmd(
     report: Optional[Path] = typer.Option(None, "--report", help="Record the result in DIR/evals.jsonl and write "
                                           "DIR/report.md + DIR/curves.png."),
     lineage: bool = typer.Option(False, "--lineage", help="Evaluate every stage of MODEL's run lineage."),
+    adapter: Optional[Path] = typer.Option(None, "--adapter", help="A LoRA adapter folder or `llmctl lora` run "
+                                           "directory, merged into MODEL (its base)."),
 ):
     """Perplexity, bits per byte, multiple choice, exact match, preference, lm-eval tasks; a report card."""
     from llmctl.stages import eval as stage
@@ -260,7 +318,7 @@ def eval_cmd(
     stage.run(model, task=task, data=data, harness=harness, harness_include=harness_include,
               num_fewshot=num_fewshot, limit=limit, batch_size=batch_size, context=context, stride=stride,
               max_new_tokens=max_new_tokens, chat=chat, ref_model=ref_model, device=device, dtype=dtype,
-              as_json=as_json, samples=samples, report=report, lineage=lineage)
+              as_json=as_json, samples=samples, report=report, lineage=lineage, adapter=adapter)
 
 
 def main() -> None:

@@ -92,6 +92,73 @@ class PretrainRecipe:
     REQUIRED = ("out_dir", "tokenizer", "data.train")
 
 
+@dataclass
+class SftDataSection:
+    train: str = ""  # SFT JSONL: {"messages": [...]} or {"prompt": ..., "completion": ...}
+    val: Optional[str] = None  # SFT JSONL for val_loss / val_bpb; None: no validation loss
+    packing: bool = True  # several examples per row (no attention across them); false: one per row, padded
+    block_size: Optional[int] = None  # row length; None: the model's block_size
+    limit: Optional[int] = None  # only the first N training examples
+
+
+@dataclass
+class SftEvalSection:
+    exact_match: Optional[str] = None  # {"prompt", "answer"} JSONL scored by greedy generation at each eval
+    chat: bool = True  # the exact-match prompts go through the chat template as user messages
+    max_new_tokens: int = 32
+    limit: Optional[int] = 200  # at most this many exact-match records
+
+
+@dataclass
+class SftTrainSection(TrainSection):
+    max_steps: int = 300
+    eval_every: int = 100
+    save_every: int = 100
+
+
+@dataclass
+class SftOptimSection(OptimSection):
+    lr: float = 1e-4
+    weight_decay: float = 0.0
+    warmup_steps: int = 10
+
+
+@dataclass
+class SftRecipe:
+    out_dir: str = ""
+    seed: int = 1337
+    init_from: str = ""  # a MODEL: a model directory, a run directory, or a local Hugging Face checkpoint
+    data: SftDataSection = field(default_factory=SftDataSection)
+    train: SftTrainSection = field(default_factory=SftTrainSection)
+    optim: SftOptimSection = field(default_factory=SftOptimSection)
+    eval: SftEvalSection = field(default_factory=SftEvalSection)
+
+    REQUIRED = ("out_dir", "init_from", "data.train")
+
+
+@dataclass
+class LoraSection:
+    r: int = 8
+    alpha: float = 16.0
+    dropout: float = 0.05
+    # a preset -- attention (q/k/v/o), mlp, all-linear (both) -- or module names, comma-separated
+    targets: str = "all-linear"
+    rslora: bool = False  # scale alpha / sqrt(r) instead of alpha / r
+    dora: bool = False  # weight-decomposed LoRA (peft's use_dora)
+    quantize: str = choice("none", "none", "4bit")  # 4bit: QLoRA (NF4 base through bitsandbytes, CUDA only)
+
+
+@dataclass
+class LoraOptimSection(SftOptimSection):
+    lr: float = 1e-3
+
+
+@dataclass
+class LoraRecipe(SftRecipe):
+    optim: LoraOptimSection = field(default_factory=LoraOptimSection)
+    lora: LoraSection = field(default_factory=LoraSection)
+
+
 # ------------------------------------------------------------------------------------------- loading
 
 

@@ -107,36 +107,39 @@ class Tokenizer:
 
     # ------------------------------------------------------------------------------------------ chat
 
+    @property
+    def chat_template(self) -> str:
+        """The Jinja chat template of tokenizer_config.json; ChatML for llmctl tokenizers that have none."""
+        t = self.config.get("chat_template")
+        if isinstance(t, list):  # older transformers: [{"name": "default", "template": ...}, ...]
+            t = next((x.get("template") for x in t if isinstance(x, dict) and x.get("name") == "default"), None)
+        if isinstance(t, str) and t:
+            return t
+        if self.im_start_id is not None and self.im_end_id is not None:
+            return CHAT_TEMPLATE
+        raise UserError(f"tokenizer {self.path} has no chat template (no \"chat_template\" in tokenizer_config.json)")
+
+    @property
+    def special_tokens_map(self) -> dict:
+        """`bos_token`, `eos_token`, ... as strings: what a chat template sees."""
+        from llmctl.chat import special_tokens
+
+        names = {k: self.id_to_token(i) for k, i in
+                 (("bos_token", self.bos_id), ("eos_token", self.eos_id), ("pad_token", self.pad_id)) if i is not None}
+        return {**names, **special_tokens(self.config)}
+
     def render_chat(self, messages: Sequence[dict], add_generation_prompt: bool = False) -> str:
         """The chat template as text (same string as transformers' `apply_chat_template(tokenize=False)`)."""
-        bos = self.id_to_token(self.bos_id) if self.bos_id is not None else ""
-        parts = [bos] + [f"{IM_START}{m['role']}\n{m['content']}{IM_END}\n" for m in messages]
-        if add_generation_prompt:
-            parts.append(f"{IM_START}assistant\n")
-        return "".join(parts)
+        from llmctl import chat
+
+        return chat.render(self.chat_template, self.special_tokens_map, chat.check_messages(list(messages)), add_generation_prompt)
 
     def encode_chat(self, messages: Sequence[dict], add_generation_prompt: bool = False) -> tuple[list[int], list[int]]:
-        """(ids, loss_mask) of a ChatML conversation; the mask is 1 on assistant content and its `<|im_end|>`.
+        """(ids, loss_mask) of a conversation under the chat template (ids as transformers' `apply_chat_template`
+        gives them); the mask is 1 on assistant turns and their end-of-turn token (see llmctl/chat.py)."""
+        from llmctl import chat
 
-        Roles, contents and separators are encoded one segment at a time, so a content that starts with
-        whitespace may tokenize slightly differently from encoding the rendered string in one go."""
-        if self.im_start_id is None or self.im_end_id is None:
-            raise UserError("this tokenizer has no <|im_start|> / <|im_end|> tokens; it cannot encode chats")
-        ids: list[int] = [] if self.bos_id is None else [self.bos_id]
-        mask: list[int] = [0] * len(ids)
-        newline = self.encode("\n")
-        for m in messages:
-            role, content = m["role"], m["content"]
-            head = [self.im_start_id] + self.encode(role + "\n")
-            body = self.encode(content) + [self.im_end_id]
-            train = 1 if role == "assistant" else 0
-            ids += head + body + newline
-            mask += [0] * len(head) + [train] * len(body) + [0] * len(newline)
-        if add_generation_prompt:
-            head = [self.im_start_id] + self.encode("assistant\n")
-            ids += head
-            mask += [0] * len(head)
-        return ids, mask
+        return chat.encode(self, list(messages), add_generation_prompt)
 
     # ------------------------------------------------------------------------------------------ facts
 
@@ -176,8 +179,7 @@ class Tokenizer:
         out_dir = Path(out_dir)
         out_dir.mkdir(parents=True, exist_ok=True)
         _atomic_write(out_dir / "tokenizer.json", self.hf.to_str(pretty=True))
-        names = {k: self.id_to_token(i) for k, i in
-                 (("bos_token", self.bos_id), ("eos_token", self.eos_id), ("pad_token", self.pad_id)) if i is not None}
+        names = {k: v for k, v in self.special_tokens_map.items() if k in ("bos_token", "eos_token", "pad_token")}
         max_len = model_max_length or self.config.get("model_max_length") or DEFAULT_MODEL_MAX_LENGTH
         config = {
             "tokenizer_class": "PreTrainedTokenizerFast",

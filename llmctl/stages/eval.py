@@ -70,7 +70,7 @@ def _print_text(results: list[dict], task, out) -> None:
 
 def run(model, task=None, data=(), harness=(), harness_include=None, num_fewshot=None, limit=None,
         batch_size=None, context=None, stride=None, max_new_tokens=32, chat=False, ref_model=None, device=None,
-        dtype="float32", as_json=False, samples=None, report=None, lineage=False, out=None) -> dict:
+        dtype="float32", as_json=False, samples=None, report=None, lineage=False, out=None, adapter=None) -> dict:
     """Evaluate MODEL (or every stage of its lineage) and print the result; returns the JSON document."""
     out = out or sys.stdout
     data = list(data or [])
@@ -98,6 +98,10 @@ def run(model, task=None, data=(), harness=(), harness_include=None, num_fewshot
     for target in targets if (task or harness) else []:
         m, tok = hf.load_model(target, device=device, dtype=dtype), load_tokenizer(target)
         where = str(resolve_model_dir(target))  # the checkpoint a run directory means, for the report
+        if adapter is not None:
+            from llmctl import lora
+
+            m, where = lora.merged(m, adapter), str(lora.resolve_adapter(adapter))
         if tok.vocab_size > m.config.vocab_size:
             raise UserError(f"tokenizer / model vocab mismatch in {target}: {tok.vocab_size} tokens vs "
                             f"{m.config.vocab_size} embeddings")  # fmt: skip

@@ -82,8 +82,9 @@ def escape(s: str) -> str:
     return s.translate(_ESCAPE_TABLE)
 
 
-def load_engine(model_path, device: str | None = None, compile: bool = False):
-    """Engine for a MODEL (model dir, checkpoint or run dir): fp32 on CPU, bf16 on a GPU that has it."""
+def load_engine(model_path, device: str | None = None, compile: bool = False, adapter=None):
+    """Engine for a MODEL (model dir, checkpoint or run dir), with a LoRA adapter merged in when one is given:
+    fp32 on CPU, bf16 on a GPU that has it."""
     import torch
 
     from llmctl.checkpoint import resolve_model_dir
@@ -96,6 +97,10 @@ def load_engine(model_path, device: str | None = None, compile: bool = False):
     dtype = torch.bfloat16 if dev.type == "cuda" and torch.cuda.is_bf16_supported() else torch.float32
     tok = load_tokenizer(d)
     model = load_model(d, device=dev, dtype=dtype)
+    if adapter is not None:
+        from llmctl import lora
+
+        model = lora.merged(model, adapter)
     if tok.vocab_size > model.config.vocab_size:
         raise UserError(f"tokenizer/model vocab mismatch in {d}: the tokenizer has {tok.vocab_size} tokens, "
                         f"the model {model.config.vocab_size}")  # fmt: skip
@@ -194,14 +199,14 @@ def parse_json_item(engine, line: str, where: str, base: dict, chat: bool, warne
 
 
 def run(model, prompt: str | None, flags: dict, *, json_mode: bool, chat: bool, batch_size: int,
-        device: str | None = None, compile: bool = False, stdin: TextIO | None = None,
+        device: str | None = None, compile: bool = False, adapter=None, stdin: TextIO | None = None,
         stdout: TextIO | None = None, stderr: TextIO | None = None) -> None:  # fmt: skip
     """The command: validate the flags, load the MODEL, then answer the PROMPT or every stdin line."""
     import torch
 
     stdin, stdout, stderr = stdin or sys.stdin, stdout or sys.stdout, stderr or sys.stderr
     make_params({k: v for k, v in flags.items() if v is not None})  # flag errors before the model loads
-    engine = load_engine(model, device, compile)
+    engine = load_engine(model, device, compile, adapter)
     base = dict(flags)
     if base.get("max_new_tokens") is None:
         base["max_new_tokens"] = min(DEFAULT_MAX_NEW_TOKENS, engine.block_size // 2)
