@@ -1,0 +1,169 @@
+"""A reward model: the llmctl Transformer as a backbone (no lm_head) plus a scalar `score` head, read at the last
+real token of each row; saved as a Hugging Face sequence-classification folder.
+
+A folder written by `save_reward_model` loads with `transformers.AutoModelForSequenceClassification` as
+`LlamaForSequenceClassification` / `Qwen2ForSequenceClassification` / `GPT2ForSequenceClassification`
+(num_labels=1; weights `model.*` or `transformer.*` plus `score.weight`) and gives the same scores when
+transformers pools the same token as we do. We pool the rightmost position whose attention_mask is 1; transformers
+(>= 4.48, 5.x) pools the rightmost token whose id is not config.json's `pad_token_id` (4.4x: the token before the
+first pad id). Both are the last real token when rows are RIGHT-padded with pad_token_id and the pad id does not
+occur among the real tokens (with transformers 5.x: is not a row's last real token), so use a dedicated pad token,
+never eos when sequences end with eos.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import shutil
+from pathlib import Path
+
+import torch
+import torch.nn as nn
+
+from llmctl.checkpoint import resolve_model_dir
+from llmctl.errors import UserError
+from llmctl.hf import (GPT2_CONV1D, IGNORED_KEYS, TOKENIZER_FILES, _as_dtype, _read_json, _weight_files,
+                       config_from_hf, config_to_hf, unwrap)  # fmt: skip
+from llmctl.model import ModelConfig, Transformer
+
+
+class RewardModel(nn.Module):
+    """`backbone` (a Transformer whose lm_head is removed) + `score` = nn.Linear(n_embd, 1, bias=False).
+
+    forward(idx, attention_mask) -> one fp32 score per row, from the final hidden state at the last position where
+    attention_mask is 1 (the last token when no mask is given); per_token=True gives every position's score [B, T]
+    (a value head for PPO). The mask is also the attention mask, so left padding attends correctly too (pooling
+    still picks each row's rightmost real token).
+    """
+
+    def __init__(self, backbone: Transformer, score_std: float | None = None):
+        """Takes `backbone` over: its lm_head is deleted (for tied embeddings the token embedding stays).
+        score_std: std of the score head's normal init, default 1 / sqrt(n_embd + 1) (as OpenAI's lm-human-preferences);
+        0 gives a zero head (every score 0 until trained)."""
+        super().__init__()
+        if hasattr(backbone, "lm_head"):
+            del backbone.lm_head  # unused, and a parameter without gradient would upset DDP
+        self.backbone = backbone
+        self.config = backbone.config
+        w = backbone.get_input_embeddings().weight
+        self.score = nn.Linear(self.config.n_embd, 1, bias=False, device=w.device, dtype=w.dtype)
+        std = 1 / math.sqrt(self.config.n_embd + 1) if score_std is None else score_std
+        nn.init.normal_(self.score.weight, 0.0, std)
+
+    @classmethod
+    def from_causal_lm(cls, model: nn.Module, score_std: float | None = None) -> RewardModel:
+        """A reward model from a causal LM (e.g. `hf.load_model(init_from)`), unwrapping torch.compile / DDP.
+        It takes the model's weights over and removes its lm_head: pass a copy to keep the causal LM."""
+        return cls(unwrap(model), score_std)
+
+    def forward(self, idx: torch.Tensor, attention_mask: torch.Tensor | None = None, *,
+                per_token: bool = False) -> torch.Tensor:  # fmt: skip
+        """idx [B, T]; attention_mask [B, T] (1 = real token) or None. Returns scores [B] (or [B, T]), fp32."""
+        h = self.backbone(idx, attn_mask=attention_mask, return_hidden=True)  # [B, T, C]
+        if per_token:
+            return self.score(h).squeeze(-1).float()  # [B, T]
+        B, T = idx.shape
+        if attention_mask is None:
+            last = torch.full((B,), T - 1, device=idx.device)
+        else:  # rightmost real position, as transformers finds the rightmost non-pad id
+            last = (torch.arange(T, device=idx.device) * attention_mask.to(torch.long)).argmax(-1)  # [B]
+        return self.score(h[torch.arange(B, device=idx.device), last]).squeeze(-1).float()  # [B]
+
+
+# ------------------------------------------------------------------------------------------------------ save / load
+
+
+def _unwrap_reward(model: nn.Module) -> RewardModel:
+    while not isinstance(model, RewardModel):
+        inner = getattr(model, "_orig_mod", None) or getattr(model, "module", None)
+        if inner is None:
+            raise TypeError(f"expected an llmctl RewardModel, got {type(model).__name__}")
+        model = inner
+    return model
+
+
+def reward_config_to_hf(cfg: ModelConfig, pad_token_id: int, dtype: torch.dtype = torch.float32) -> dict:
+    """hf.config_to_hf's dict for the sequence-classification head: architectures, one label, pad_token_id."""
+    d = config_to_hf(cfg, dtype)
+    arch = d["architectures"][0].removesuffix("ForCausalLM").removesuffix("LMHeadModel") + "ForSequenceClassification"
+    d.update(architectures=[arch], pad_token_id=pad_token_id, id2label={"0": "LABEL_0"}, label2id={"LABEL_0": 0},
+             use_cache=False)  # fmt: skip
+    return dict(sorted(d.items()))
+
+
+def save_reward_model(model: nn.Module, out_dir, *, pad_token_id: int | None = None, tokenizer_dir=None,
+                      dtype=None) -> Path:  # fmt: skip
+    """Write a Hugging Face sequence-classification folder: config.json, model.safetensors and the tokenizer files
+    found in `tokenizer_dir`. pad_token_id (default: the model config's) is required: transformers finds the
+    pooled token by it (see the module doc). dtype: weights dtype (default: the model's)."""
+    from safetensors.torch import save_file
+
+    model = _unwrap_reward(model)
+    cfg = model.config
+    pad = cfg.pad_token_id if pad_token_id is None else pad_token_id
+    if pad is None:
+        raise UserError("a reward model needs a pad token id (transformers pools the last non-pad token): "
+                        "give the tokenizer a pad token")  # fmt: skip
+    dtype = _as_dtype(dtype) if dtype is not None else model.score.weight.dtype
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    tensors = {}
+    for k, t in model.state_dict().items():
+        k = k.removeprefix("backbone.")
+        if cfg.arch == "gpt2" and GPT2_CONV1D.search(k):
+            t = t.t()  # nn.Linear [out, in] -> Conv1D [in, out]
+        tensors[k] = t.detach().to("cpu", dtype if t.is_floating_point() else t.dtype).contiguous()
+    save_file(tensors, str(out / "model.safetensors"), metadata={"format": "pt"})
+    hf_cfg = reward_config_to_hf(cfg, pad, dtype)
+    (out / "config.json").write_text(json.dumps(hf_cfg, indent=2) + "\n", encoding="utf-8")
+    if tokenizer_dir is not None:
+        src = Path(tokenizer_dir)
+        src = src.parent if src.is_file() else src
+        for name in TOKENIZER_FILES:
+            if (src / name).is_file() and (src / name).resolve() != (out / name).resolve():
+                shutil.copyfile(src / name, out / name)
+    return out
+
+
+def load_reward_model(path, *, device="cpu", dtype=torch.float32) -> RewardModel:
+    """A RewardModel (in eval mode) from a sequence-classification folder (written by save_reward_model or by
+    transformers, num_labels=1) or a run directory's newest complete checkpoint. Safetensors only."""
+    from safetensors import SafetensorError, safe_open
+
+    d = resolve_model_dir(path)
+    cfg = config_from_hf(_read_json(d / "config.json"))
+    files = _weight_files(d)
+    with torch.device("meta"):
+        backbone = Transformer(cfg)
+    model = RewardModel(backbone.to_empty(device=device), score_std=0.0).to(_as_dtype(dtype))
+    params = dict(model.state_dict(keep_vars=True))
+    loaded, unexpected = set(), []
+    for f in files:
+        try:
+            with safe_open(str(f), framework="pt", device="cpu") as st:
+                for key in st.keys():
+                    name = key if key == "score.weight" else "backbone." + key
+                    if IGNORED_KEYS.search(name):
+                        continue
+                    if name not in params:
+                        unexpected.append(key)
+                        continue
+                    t = st.get_tensor(key)
+                    if cfg.arch == "gpt2" and GPT2_CONV1D.search(name) and t.dim() == 2:
+                        t = t.t()  # Conv1D [in, out] -> nn.Linear [out, in]
+                    if t.shape != params[name].shape:
+                        raise UserError(f"incompatible reward model: {key} has shape {list(t.shape)}, "
+                                        f"the config implies {list(params[name].shape)}")  # fmt: skip
+                    with torch.no_grad():
+                        params[name].copy_(t)
+                    loaded.add(name)
+        except SafetensorError as e:
+            raise UserError(f"cannot read {f}: {e}") from None
+    missing = sorted(k.removeprefix("backbone.") for k in set(params) - loaded)  # as the file names them
+    if missing or unexpected:
+        hint = " (a causal LM, not a reward model?)" if "score.weight" in missing else ""
+        what = [f"missing keys {missing[:5]}{' ...' if len(missing) > 5 else ''}"] if missing else []
+        what += [f"unexpected keys {unexpected[:5]}{' ...' if len(unexpected) > 5 else ''}"] if unexpected else []
+        raise UserError(f"incompatible reward model {d}: " + "; ".join(what) + hint)
+    return model.eval()
