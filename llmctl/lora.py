@@ -147,6 +147,7 @@ def load(model, adapter, trainable: bool = False):
     except Exception as e:  # peft raises ValueError / TypeError / JSON errors on a bad config
         raise UserError(f"{d}: not a LoRA adapter folder ({e})") from None
     cfg.fan_in_fan_out = False  # nn.Linear here, whatever the adapter was saved for
+    cfg.task_type = None  # a plain PeftModel: our Transformer is not a transformers generation model
     cfg.inference_mode = not trainable
     try:
         return PeftModel.from_pretrained(model, str(d), config=cfg, is_trainable=trainable)

@@ -130,7 +130,9 @@ class SftBatches:
 
     def __init__(self, examples: list[Example], block_size: int, micro: int, accum: int, rank: int, world: int,
                  seed: int, packing: bool = True):
-        self.examples, self.T, self.packing = examples, block_size, packing
+        self.examples = [e if e.n_inputs <= block_size else Example(e.ids[:block_size + 1], e.mask[:block_size + 1])
+                         for e in examples]
+        self.T, self.packing = block_size, packing
         self.micro, self.accum, self.rank, self.world, self.seed = micro, accum, rank, world, seed
         self._epochs: list[list] = []  # rows of each epoch, built on demand
         self._starts = [0]  # global row index where each epoch starts
