@@ -1,7 +1,7 @@
 """Run directories and checkpoints.
 
 A run directory holds `config.yaml`, `metrics.jsonl` and `checkpoints/step-NNNNNNN/`. A step directory is first
-written as `checkpoints/.tmp-step-NNNNNNN-<pid>/` and renamed into place once complete, so a crash, a kill or a
+written as `checkpoints/.tmp-step-NNNNNNN/` and renamed into place once complete, so a crash, a kill or a
 full disk never leaves a half-written `step-*` directory: every `step-*` directory is complete.
 """
 

@@ -159,6 +159,70 @@ class LoraRecipe(SftRecipe):
     lora: LoraSection = field(default_factory=LoraSection)
 
 
+@dataclass
+class RlhfDataSection:
+    train: str = ""  # reward / dpo: {"prompt", "chosen", "rejected"}; ppo / grpo: {"prompt", "answer"} JSONL
+    val: Optional[str] = None  # held-out file of the same kind (pairwise accuracy, or exact-match for ppo / grpo)
+    chat: bool = True  # prompts go through the chat template as user messages, responses as assistant turns
+    block_size: Optional[int] = None  # None: the model's block_size
+    limit: Optional[int] = None
+
+
+@dataclass
+class RlhfLoraSection(LoraSection):
+    enabled: bool = False  # train LoRA adapters instead of every weight (the reference = adapters disabled)
+
+
+@dataclass
+class DpoSection:
+    beta: float = 0.1
+    label_smoothing: float = 0.0  # conservative DPO
+    loss_type: str = choice("sigmoid", "sigmoid", "ipo")
+
+
+@dataclass
+class RlSection:
+    reward: str = "exact-match"  # exact-match (answers of data.train), a reward MODEL dir, or path/to/file.py:function
+    prompts_per_step: int = 8  # prompts rolled out per rollout batch (each process)
+    group_size: int = 4  # grpo: samples per prompt (ppo: 1)
+    max_new_tokens: int = 16
+    temperature: float = 1.0
+    top_p: float = 1.0
+    epochs: int = 1  # optimizer passes over each rollout batch
+    clip: float = 0.2  # the clipped objective's epsilon
+    kl_coef: float = 0.0  # grpo: KL-to-reference loss weight; ppo: per-token KL penalty in the reward
+    kl_estimator: str = choice("k3", "k1", "k2", "k3")
+    gamma: float = 1.0  # ppo: GAE discount
+    lam: float = 0.95  # ppo: GAE lambda
+    vf_coef: float = 0.5  # ppo: value loss weight
+    value_clip: float = 0.2  # ppo: value clipping
+
+
+@dataclass
+class RlhfOptimSection(SftOptimSection):
+    lr: float = 1e-5
+    warmup_steps: int = 0
+    schedule: str = choice("constant", "cosine", "wsd", "constant")
+
+
+@dataclass
+class RlhfRecipe:
+    out_dir: str = ""
+    seed: int = 1337
+    method: str = choice("dpo", "reward", "dpo", "ppo", "grpo")
+    init_from: str = ""  # the policy (dpo / ppo / grpo) or the backbone of the reward model (reward)
+    ref_from: Optional[str] = None  # the frozen reference; None: init_from (with LoRA: the base, adapters off)
+    data: RlhfDataSection = field(default_factory=RlhfDataSection)
+    train: SftTrainSection = field(default_factory=SftTrainSection)
+    optim: RlhfOptimSection = field(default_factory=RlhfOptimSection)
+    lora: RlhfLoraSection = field(default_factory=RlhfLoraSection)
+    dpo: DpoSection = field(default_factory=DpoSection)
+    rl: RlSection = field(default_factory=RlSection)
+    eval: SftEvalSection = field(default_factory=SftEvalSection)
+
+    REQUIRED = ("out_dir", "method", "init_from", "data.train")
+
+
 # ------------------------------------------------------------------------------------------- loading
 
 

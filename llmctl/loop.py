@@ -44,6 +44,11 @@ class Task:
     save_model: Callable[[torch.nn.Module, Path], None]  # writes a model directory (HF format)
     evaluate: Optional[Callable[[torch.nn.Module], dict]] = None  # -> {"val_loss": ..., ...} (all processes)
     flops_per_token: float = 0.0
+    # -> extra training figures (e.g. reward, kl) since the last call, merged into each logged training event
+    stats: Optional[Callable[[], dict]] = None
+    # extra resume state (e.g. an RL rollout buffer), saved in each checkpoint as task_state.pt
+    state_dict: Optional[Callable[[], dict]] = None
+    load_state_dict: Optional[Callable[[dict], None]] = None
 
 
 class _StopFlag:
@@ -153,6 +158,9 @@ def train(recipe, task: Task, dist: Dist, resume: Optional[Path] = None) -> dict
     if resume is not None:
         optimizer.load_state_dict(torch.load(resume / "optimizer.pt", map_location="cpu", weights_only=True))
         _set_rng_state(torch.load(resume / "rng.pt", weights_only=True))
+        task_state = resume / f"task_state-{dist.rank}.pt"
+        if task.load_state_dict is not None and task_state.is_file():
+            task.load_state_dict(torch.load(task_state, map_location="cpu", weights_only=True))
     if tc.compile:
         model = torch.compile(model)
     model, optimizer = dist.prepare(model, optimizer)
@@ -179,12 +187,17 @@ def train(recipe, task: Task, dist: Dist, resume: Optional[Path] = None) -> dict
         progress.message(f"step {step}: " + " ".join(f"{k} {v:.4f}" for k, v in ev.items()))
 
     def save(step: int):
+        ck = out / "checkpoints"
+        tmp = ck / f".tmp-{step_dir_name(step)}"
         if dist.is_main:
-            ck = out / "checkpoints"
             ck.mkdir(parents=True, exist_ok=True)
-            tmp = ck / f".tmp-{step_dir_name(step)}-{os.getpid()}"
             shutil.rmtree(tmp, ignore_errors=True)
             tmp.mkdir()
+        if task.state_dict is not None:  # every process's own state (e.g. its rollout buffer)
+            dist.barrier()
+            torch.save(task.state_dict(), tmp / f"task_state-{dist.rank}.pt")
+            dist.barrier()
+        if dist.is_main:
             unwrapped = dist.unwrap(model)
             task.save_model(unwrapped, tmp)
             torch.save(optimizer.state_dict(), tmp / "optimizer.pt")
@@ -248,6 +261,8 @@ def train(recipe, task: Task, dist: Dist, resume: Optional[Path] = None) -> dict
                       "grad_norm": gnorm}
                 if mfu is not None:
                     ev["mfu"] = mfu
+                if task.stats is not None:
+                    ev.update(task.stats())
                 log(ev)
                 progress.update(step, loss_val, tps, mfu, log=True)
             else:
