@@ -200,6 +200,25 @@ def lora(
     _train("lora", Path(recipe), overrides, dry_run, show_mask)
 
 
+@app.command("rlhf")
+@_guard
+def rlhf(
+    recipe: Path = typer.Argument(..., help="A recipe YAML (see recipes/); its `method:` is reward, dpo, ppo or grpo."),
+    overrides: Optional[List[str]] = typer.Argument(None, help="key.path=value overrides (values parsed as YAML)."),
+    dry_run: bool = typer.Option(False, "--dry-run", help="Print the resolved recipe and exit."),
+):
+    """Preference and RL training: a reward model, DPO, PPO or GRPO (with or without LoRA)."""
+    from llmctl.config import RlhfRecipe, dump_recipe, load_recipe
+
+    cfg = load_recipe(recipe, overrides or [], RlhfRecipe)
+    if dry_run:
+        sys.stdout.write(dump_recipe(cfg))
+        return
+    from llmctl.stages import rlhf as stage
+
+    stage.run(cfg)
+
+
 def _train(kind: str, recipe: Path, overrides, dry_run: bool, show_mask: bool) -> None:
     from llmctl.config import LoraRecipe, SftRecipe, dump_recipe, load_recipe
 

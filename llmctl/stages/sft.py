@@ -12,10 +12,11 @@ import sys
 
 import torch
 
-from llmctl import evaluate, hf, loop, sftdata
+from llmctl import evaluate, loop, sftdata
 from llmctl.checkpoint import resolve_model_dir
 from llmctl.dist import Dist
 from llmctl.errors import UserError
+from llmctl.policy import Policy
 from llmctl.tokenizer import load_tokenizer
 
 
@@ -56,36 +57,12 @@ def make_evaluate(recipe, tok, block_size: int, dist: Dist):
     return run
 
 
-def load(recipe, lora: bool, resume):
-    """(model to train, save function, tokenizer, base directory) for full SFT or LoRA."""
-    base_dir = resolve_model_dir(recipe.init_from)
-    tok = load_tokenizer(base_dir)
-    if lora:
-        from llmctl import lora as lora_lib
-
-        base = hf.load_model(base_dir)
-        peft_model = lora_lib.load(base, resume, trainable=True) if resume else lora_lib.apply(base, recipe.lora)
-        model = peft_model.get_base_model()  # the Transformer with LoRA layers inside; only they train
-        where = str(base_dir.resolve())
-
-        def save(m, d):
-            lora_lib.save_adapter(peft_model, d, base=where, tokenizer_dir=tok.path)
-    else:
-        model = hf.load_model(resume or base_dir)
-
-        def save(m, d):
-            hf.save_model(m, d, tokenizer_dir=tok.path)
-    if tok.vocab_size > model.config.vocab_size:
-        raise UserError(f"tokenizer / model vocab mismatch: the tokenizer of {base_dir} has {tok.vocab_size} tokens, "
-                        f"the model {model.config.vocab_size}")
-    return model, save, tok, base_dir
-
-
 def run(recipe, lora: bool = False) -> dict:
     dist = Dist(recipe.train.precision, seed=recipe.seed)
     resume = loop.find_resume(recipe.out_dir)
     torch.manual_seed(recipe.seed)  # the LoRA initialisation
-    model, save, tok, base_dir = load(recipe, lora, resume)
+    policy = Policy(recipe.init_from, recipe.lora if lora else None, resume)
+    model, tok = policy.model, policy.tok
     if resume is not None and dist.is_main:
         print(f"resuming from {resume}", file=sys.stderr)
     T = recipe.data.block_size or model.config.block_size
@@ -95,13 +72,10 @@ def run(recipe, lora: bool = False) -> dict:
     examples = sftdata.load_examples(recipe.data.train, tok, T, recipe.data.limit, quiet=not dist.is_main)
     batches = sftdata.SftBatches(examples, T, tc.micro_batch_size, tc.grad_accum, dist.rank, dist.world,
                                  recipe.seed, packing=recipe.data.packing)
-    task = loop.Task(model=model, batches=batches, loss=sftdata.loss, count=sftdata.count, save_model=save,
+    task = loop.Task(model=model, batches=batches, loss=sftdata.loss, count=sftdata.count, save_model=policy.save,
                      evaluate=make_evaluate(recipe, tok, T, dist), flops_per_token=model.flops_per_token(T))
     if dist.is_main:
-        n_all = sum(p.numel() for p in model.parameters())
-        n_train = sum(p.numel() for p in model.parameters() if p.requires_grad)
-        print(f"{'lora' if lora else 'sft'}: {base_dir} ({model.config.arch}, {n_all / 1e6:.2f}M parameters, "
-              f"{n_train / 1e6:.3f}M = {n_train / n_all:.2%} trained); {len(examples):,} examples, "
+        print(f"{'lora' if lora else 'sft'}: {policy.describe()}; {len(examples):,} examples, "
               f"{tc.max_steps} steps = {batches.epoch_of_step(tc.max_steps):.2f} epochs", file=sys.stderr)
     last = loop.train(recipe, task, dist, resume=resume)
     dist.end()
