@@ -200,6 +200,25 @@ def lora(
     _train("lora", Path(recipe), overrides, dry_run, show_mask)
 
 
+@app.command("tasks")
+@_guard
+def tasks(
+    out: Path = typer.Option(..., "--out", help="The directory to write."),
+    n_train: Optional[int] = typer.Option(None, "--n-train", help="Training items (default 5000)."),
+    n_test: Optional[int] = typer.Option(None, "--n-test", help="Held-out items (default 500)."),
+    seed: int = typer.Option(0, "--seed", help="The same seed writes the same files."),
+    families: Optional[str] = typer.Option(None, "--families", help="Comma-separated task families (default: "
+                                           "the built-in mix; see llmctl/tasks.py)."),
+):
+    """Write the built-in verifiable tasks (short questions with exact answers) as SFT, RL-prompt and
+    preference-pair JSONL, train and held-out test: sft_*.jsonl, rl_*.jsonl, pref_*.jsonl."""
+    from llmctl import tasks as tasks_lib
+
+    kw = {k: v for k, v in (("n_train", n_train), ("n_test", n_test)) if v is not None}
+    for p in tasks_lib.write_tasks(out, seed=seed, families=families, **kw).values():
+        print(p)
+
+
 @app.command("rlhf")
 @_guard
 def rlhf(
