@@ -225,10 +225,50 @@ def _weight_files(d: Path) -> list[Path]:
     raise UserError(f"incompatible checkpoint: no model.safetensors in {d}")
 
 
+_ST_DTYPES = {"F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16,
+              "I64": torch.int64, "I32": torch.int32, "I16": torch.int16, "I8": torch.int8, "U8": torch.uint8,
+              "BOOL": torch.bool}
+
+
+def read_safetensors(path: Path):
+    """(name, tensor) for every tensor of a .safetensors file, read one at a time with plain reads: unlike a
+    memory map, the file's pages never count against the process, so loading needs the model's memory plus
+    one tensor, not twice the model. A malformed file is a UserError."""
+    bad = lambda why: UserError(f"cannot read {path}: {why}")  # noqa: E731
+    with open(path, "rb") as f:
+        size = f.seek(0, 2)
+        f.seek(0)
+        head = f.read(8)
+        n = int.from_bytes(head, "little") if len(head) == 8 else -1
+        if not 0 < n <= size - 8:
+            raise bad("not a safetensors file (bad header length)")
+        try:
+            header = json.loads(f.read(n))
+        except ValueError as e:
+            raise bad(f"invalid header ({e})") from None
+        if not isinstance(header, dict):
+            raise bad("invalid header")
+        base = 8 + n
+        for name, info in header.items():
+            if name == "__metadata__":
+                continue
+            try:
+                dtype, shape, (start, end) = _ST_DTYPES[info["dtype"]], list(info["shape"]), info["data_offsets"]
+            except (KeyError, TypeError, ValueError):
+                raise bad(f"unsupported or malformed entry for {name!r}") from None
+            numel = 1
+            for d in shape:
+                numel *= d
+            if end - start != numel * dtype.itemsize or start < 0 or base + end > size:
+                raise bad(f"entry {name!r} does not fit the file")
+            buf = bytearray(end - start)
+            f.seek(base + start)
+            f.readinto(buf)
+            yield name, (torch.frombuffer(buf, dtype=dtype) if buf else torch.empty(0, dtype=dtype)).reshape(shape)
+
+
 def load_model(path, *, device="cpu", dtype=torch.float32) -> Transformer:
     """A Transformer (in eval mode) from a model directory or a run directory's newest complete checkpoint."""
-    from safetensors import SafetensorError, safe_open
-
     d = resolve_model_dir(path)
     cfg = config_from_hf(_read_json(d / "config.json"))
     files = _weight_files(d)
@@ -242,27 +282,22 @@ def load_model(path, *, device="cpu", dtype=torch.float32) -> Transformer:
     prefix = "model." if cfg.arch == "llama" else "transformer."
     loaded, unexpected = set(), []
     for f in files:
-        try:
-            with safe_open(str(f), framework="pt", device="cpu") as st:
-                for key in st.keys():
-                    name = key if key in params or key.startswith("lm_head.") else prefix + key  # base-model files
-                    if IGNORED_KEYS.search(name) or (name == "lm_head.weight" and cfg.tie_embeddings):
-                        continue
-                    if name not in params:
-                        unexpected.append(key)
-                        continue
-                    t = st.get_tensor(key)
-                    if cfg.arch == "gpt2" and GPT2_CONV1D.search(name) and t.dim() == 2:
-                        t = t.t()  # Conv1D [in, out] -> nn.Linear [out, in]
-                    p = params[name]
-                    if t.shape != p.shape:
-                        raise UserError(f"incompatible checkpoint: {key} has shape {list(t.shape)}, "
-                                        f"the config implies {list(p.shape)}")  # fmt: skip
-                    with torch.no_grad():
-                        p.copy_(t)
-                    loaded.add(name)
-        except SafetensorError as e:
-            raise UserError(f"cannot read {f}: {e}") from None
+        for key, t in read_safetensors(f):
+            name = key if key in params or key.startswith("lm_head.") else prefix + key  # base-model files
+            if IGNORED_KEYS.search(name) or (name == "lm_head.weight" and cfg.tie_embeddings):
+                continue
+            if name not in params:
+                unexpected.append(key)
+                continue
+            if cfg.arch == "gpt2" and GPT2_CONV1D.search(name) and t.dim() == 2:
+                t = t.t()  # Conv1D [in, out] -> nn.Linear [out, in]
+            p = params[name]
+            if t.shape != p.shape:
+                raise UserError(f"incompatible checkpoint: {key} has shape {list(t.shape)}, "
+                                f"the config implies {list(p.shape)}")  # fmt: skip
+            with torch.no_grad():
+                p.copy_(t)
+            loaded.add(name)
     missing = sorted(set(params) - loaded)
     if missing or unexpected:
         what = [f"missing keys {missing[:5]}{' ...' if len(missing) > 5 else ''}"] if missing else []
