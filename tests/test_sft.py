@@ -303,3 +303,36 @@ def test_lora_errors(sft_setup, tmp_path, args, message):
     r = llmctl("lora", recipe, f"out_dir={tmp_path / 'run'}", *args, check=False)
     assert r.returncode == 2 and "Traceback" not in r.stderr
     assert r.stderr.startswith("error:") and message in r.stderr, r.stderr
+
+
+@pytest.mark.parametrize("kind", ["sft", "lora"])
+def test_fine_tune_a_local_transformers_checkpoint(tmp_path, tok_dir, kind):
+    """init_from = a folder transformers wrote (Qwen2: qkv bias, tied embeddings), with a tokenizer; the result
+    loads back in transformers (sft: the model; lora: base + adapter through peft) with llmctl's logits."""
+    import transformers
+    from peft import PeftModel
+
+    tok = load_tokenizer(tok_dir)
+    torch.manual_seed(0)
+    cfg = transformers.Qwen2Config(vocab_size=tok.vocab_size, hidden_size=32, intermediate_size=64,
+                                   num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
+                                   max_position_embeddings=128, tie_word_embeddings=True,
+                                   bos_token_id=tok.bos_id, eos_token_id=tok.eos_id)
+    base = tmp_path / "qwen2"
+    transformers.AutoModelForCausalLM.from_config(cfg).save_pretrained(base)
+    tok.save(base)
+    data = write_rows(tmp_path / "train.jsonl", ROWS * 2)
+    run = tmp_path / "run"
+    llmctl(kind, ROOT / f"recipes/tiny/{kind}.yaml", f"out_dir={run}", f"init_from={base}", f"data.train={data}",
+           "eval.exact_match=null", "train.max_steps=2", "train.micro_batch_size=2")
+    ck = run / "checkpoints/step-0000002"
+    x = torch.randint(5, tok.vocab_size, (1, 12))
+    with torch.no_grad():
+        if kind == "sft":
+            ours, theirs = hf.load_model(ck)(x), transformers.AutoModelForCausalLM.from_pretrained(str(ck))(x).logits
+        else:
+            ours = lora.load(hf.load_model(base), ck).get_base_model()(x)
+            theirs = PeftModel.from_pretrained(transformers.AutoModelForCausalLM.from_pretrained(str(base)),
+                                               str(ck)).eval()(x).logits
+            assert (ours - hf.load_model(base)(x)).abs().max() > 0  # the adapter trained
+    assert (ours - theirs).abs().max() <= 1e-4
