@@ -1,0 +1,162 @@
+"""Built-in verifiable tasks (llmctl.tasks): determinism, disjoint splits, right answers, wrong rejected answers,
+file formats and the `python -m llmctl.tasks` command line."""
+
+from __future__ import annotations
+
+import json
+import random
+import re
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from llmctl import tasks
+from llmctl.errors import UserError
+from llmctl.evaluate import normalize_answer, read_jsonl
+
+FILES = [f"{k}_{s}.jsonl" for k in ("sft", "rl", "pref") for s in ("train", "test")]
+REPO = Path(__file__).resolve().parents[1]
+
+
+def _ints(q: str) -> list[int]:
+    return [int(x) for x in re.findall(r"\d+", q)]
+
+
+def _word(q: str) -> str:
+    return re.search(r"\b([a-z]+)[.?]$", q).group(1)
+
+
+# Each family's answer recomputed from its question text alone, independently of the generator.
+SOLVE = {
+    "add": lambda q: str(sum(_ints(q))),
+    "sub": lambda q: str(_ints(q)[0] - _ints(q)[1]),
+    "succ": lambda q: str(_ints(q)[0] + 1),
+    "pred": lambda q: str(_ints(q)[0] - 1),
+    "max": lambda q: str(max(_ints(q))),
+    "min": lambda q: str(min(_ints(q))),
+    "compare": lambda q: str(max(_ints(q))),
+    "parity": lambda q: ("odd", "even")[_ints(q)[0] % 2 == 0],
+    "sort_digits": lambda q: " ".join(sorted(re.findall(r"\d", q))),
+    "reverse": lambda q: _word(q)[::-1],
+    "sort_letters": lambda q: "".join(sorted(_word(q))),
+    "upper": lambda q: _word(q).upper(),
+    "repeat": lambda q: _word(q),
+    "count": lambda q: str(len(_word(q))),
+    "first": lambda q: _word(q)[0],
+    "last": lambda q: _word(q)[-1],
+}
+
+
+@pytest.fixture(scope="module")
+def all_items():
+    return tasks.generate(1600, 320, seed=3, families=list(tasks.FAMILIES))
+
+
+def test_every_family_is_checked():
+    assert set(SOLVE) == set(tasks.FAMILIES)
+    assert set(tasks.DEFAULT_FAMILIES) <= set(tasks.FAMILIES)
+
+
+def test_answers_are_right(all_items):
+    train, test = all_items
+    for it in train + test:
+        assert it.answer == SOLVE[it.family](it.question), it
+        assert 0 < len(it.question) <= 60 and 0 < len(it.answer) <= 12, it
+
+
+def test_rejected_is_wrong_and_plausible(all_items):
+    train, test = all_items
+    for it in train + test:
+        assert it.rejected and normalize_answer(it.rejected) != normalize_answer(it.answer), it
+        assert abs(len(it.rejected) - len(it.answer)) <= 1, it  # a near miss, not noise
+    for a in ["0", "9", "10", "100", "999", "1000", "-3", "even", "odd", "a", "zz", "ABC", "1 1 2", "0 0 0"]:
+        rng = random.Random(a)
+        for _ in range(50):
+            assert normalize_answer(tasks.wrong_answer(a, rng)) != normalize_answer(a), a
+
+
+def test_splits_are_disjoint_sized_and_even(all_items):
+    train, test = all_items
+    assert len(train) == 1600 and len(test) == 320
+    qtrain, qtest = [it.question for it in train], [it.question for it in test]
+    assert len(set(qtrain)) == len(qtrain) and len(set(qtest)) == len(qtest)
+    assert not set(qtrain) & set(qtest)
+    assert {it.family for it in test} == set(tasks.FAMILIES)
+    counts = [sum(it.family == f for it in train) for f in tasks.FAMILIES]
+    assert max(counts) - min(counts) <= 1
+
+
+def test_family_items_do_not_depend_on_the_other_families():
+    alone = tasks.generate(20, 10, seed=5, families=["add"])
+    mixed = tasks.generate(40, 20, seed=5, families="max,add")
+    for a, m in zip(alone, mixed):
+        assert set(a) == {it for it in m if it.family == "add"}
+
+
+def test_write_tasks_is_deterministic(tmp_path):
+    a = tasks.write_tasks(tmp_path / "a", 300, 60, seed=7)
+    b = tasks.write_tasks(tmp_path / "b", 300, 60, seed=7)
+    c = tasks.write_tasks(tmp_path / "c", 300, 60, seed=8)
+    assert sorted(p.name for p in a.values()) == sorted(FILES)
+    for key in a:
+        assert a[key].read_bytes() == b[key].read_bytes(), key
+        assert a[key].read_bytes() != c[key].read_bytes(), key
+    assert sorted(p.name for p in (tmp_path / "a").iterdir()) == sorted(FILES)  # no temporary files left
+
+
+def test_formats(tmp_path):
+    paths = tasks.write_tasks(tmp_path, 210, 35, seed=0)
+    sft = {s: [json.loads(x) for x in paths[f"sft_{s}"].read_text().splitlines()] for s in ("train", "test")}
+    assert len(sft["train"]) == 210 and len(sft["test"]) == 35
+    for row in sft["train"] + sft["test"]:
+        assert list(row) == ["messages"]
+        (u, a) = row["messages"]
+        assert u["role"] == "user" and a["role"] == "assistant" and u["content"] and a["content"]
+    for split in ("train", "test"):
+        rl = read_jsonl(paths[f"rl_{split}"], "exact-match")
+        pref = read_jsonl(paths[f"pref_{split}"], "preference")
+        assert all(list(r) == ["prompt", "answer"] for r in rl)
+        assert [r["prompt"] for r in rl] == [r["messages"][0]["content"] for r in sft[split]]
+        assert [r["answer"] for r in rl] == [r["messages"][1]["content"] for r in sft[split]]
+        assert [(r["prompt"], r["chosen"]) for r in pref] == [(r["prompt"], r["answer"]) for r in rl]
+        assert all(normalize_answer(r["chosen"]) != normalize_answer(r["rejected"]) for r in pref)
+    q_train = {r["prompt"] for r in read_jsonl(paths["rl_train"], "exact-match")}
+    assert not q_train & {r["prompt"] for r in read_jsonl(paths["rl_test"], "exact-match")}
+
+
+def test_reward():
+    assert tasks.reward("82", "82") == 1.0
+    assert tasks.reward(" 82.\n", "82") == 1.0
+    assert tasks.reward("Odd", "odd") == 1.0
+    assert tasks.reward("1 2 3", "1 2 3") == 1.0
+    assert tasks.reward("83", "82") == 0.0
+    assert tasks.reward("", "82") == 0.0
+    assert tasks.reward("b", ["a", "b"]) == 1.0
+
+
+def test_bad_arguments():
+    with pytest.raises(UserError, match="unknown task family nope"):
+        tasks.generate(10, 10, families=["add", "nope"])
+    with pytest.raises(UserError, match="ran out of new questions"):
+        tasks.generate(2000, 0, families=["succ"])  # only 1000 questions exist
+
+
+def test_cli(tmp_path):
+    cmd = [sys.executable, "-m", "llmctl.tasks", "--out", str(tmp_path / "t"), "--n-train", "40", "--n-test", "8",
+           "--seed", "1", "--families", "add,reverse"]  # fmt: skip
+    r = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, check=False)
+    assert r.returncode == 0, r.stderr
+    assert sorted(Path(p).name for p in r.stdout.split()) == sorted(FILES)
+    assert len(read_jsonl(tmp_path / "t" / "rl_train.jsonl", "exact-match")) == 40
+    assert len(read_jsonl(tmp_path / "t" / "pref_test.jsonl", "preference")) == 8
+    assert (tmp_path / "t" / "sft_test.jsonl").read_bytes() == \
+        tasks.write_tasks(tmp_path / "u", 40, 8, seed=1, families=["add", "reverse"])["sft_test"].read_bytes()
+
+
+def test_main_errors(tmp_path, capsys):
+    assert tasks.main(["--out", str(tmp_path / "v"), "--families", "nope"]) == 2
+    assert capsys.readouterr().err.startswith("error: unknown task family nope")
+    assert not (tmp_path / "v").exists()
+    assert tasks.main(["--out", str(tmp_path / "w"), "--n-train", "-1"]) == 2
