@@ -7,7 +7,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from llmctl.config import PretrainRecipe, dump_recipe, load_recipe
+from llmctl.config import LoraRecipe, PretrainRecipe, RlhfRecipe, SftRecipe, dump_recipe, get_path, load_recipe
 from llmctl.errors import UserError
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -21,13 +21,16 @@ def test_recipes_exist():
 
 @pytest.mark.parametrize("path", RECIPES, ids=lambda p: str(p.relative_to(ROOT)))
 def test_every_shipped_recipe_validates(path):
-    cfg = load_recipe(path, [], PretrainRecipe)
-    assert cfg.out_dir and cfg.tokenizer and cfg.data.train
+    # the command a recipe is for, by its name: sft.yaml, lora.yaml, reward / dpo / ppo / grpo.yaml, else pretrain
+    cls = {"sft": SftRecipe, "lora": LoraRecipe, **dict.fromkeys(("reward", "dpo", "ppo", "grpo"), RlhfRecipe)}.get(
+        path.stem, PretrainRecipe)
+    cfg = load_recipe(path, [], cls)
+    assert all(get_path(cfg, key) for key in cls.REQUIRED)
     # the dump is itself a valid recipe that resolves to the same thing
     again = Path(path.parent) / f".roundtrip-{path.name}"
     try:
         again.write_text(dump_recipe(cfg))
-        assert load_recipe(again, [], PretrainRecipe) == cfg
+        assert load_recipe(again, [], cls) == cfg
     finally:
         again.unlink()
 
