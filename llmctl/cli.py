@@ -336,8 +336,8 @@ def eval_cmd(
                                           "model's block_size)."),
     stride: Optional[int] = typer.Option(None, "--stride", help="ppl / bpb: window stride (default: context // 2)."),
     max_new_tokens: int = typer.Option(32, "--max-new-tokens", help="exact-match: tokens generated per prompt."),
-    chat: bool = typer.Option(False, "--chat", help="exact-match: each prompt as a user message in the chat "
-                              "template."),
+    chat: bool = typer.Option(False, "--chat", help="exact-match, preference: each prompt as a user message in the "
+                              "chat template (preference: each completion as the assistant's reply)."),
     ref_model: Optional[Path] = typer.Option(None, "--ref-model", help="preference: score log p(model) - "
                                              "log p(ref), DPO's implicit reward."),
     device: Optional[str] = typer.Option(None, "--device", help="cpu, cuda, cuda:1 ... (default: cuda if available)."),

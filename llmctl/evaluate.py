@@ -278,14 +278,26 @@ def multiple_choice(model, tok, items: Sequence[dict], batch_size: int = 16, sho
             "acc_norm": sum(p["pred_norm"] == p["answer"] for p in per_item) / n, "n": n, "items": per_item}
 
 
+def encode_chat_pair(tok, prompt: str, response: str) -> tuple[list[int], list[int]]:
+    """(context ids, continuation ids) of `response` as the assistant's reply to the user message `prompt` in
+    the chat template; the continuation runs to the end of the conversation (the end-of-turn token included)."""
+    ctx = tok.encode_chat([{"role": "user", "content": prompt}], add_generation_prompt=True)[0]
+    whole = tok.encode_chat([{"role": "user", "content": prompt}, {"role": "assistant", "content": response}])[0]
+    if whole[: len(ctx)] != ctx:
+        raise UserError("the chat template does not render the reply after the generation prompt")
+    return ctx, whole[len(ctx):]
+
+
 def preference(model, tok, items: Sequence[dict], ref_model=None, batch_size: int = 16,
-               show_progress: bool = True) -> dict:
+               show_progress: bool = True, chat: bool = False) -> dict:
     """How often `chosen` scores above `rejected` after `prompt`: the score is the completion's log-likelihood,
-    or with ref_model the implicit reward log p_model - log p_ref (DPO's). A tie counts one half."""
+    or with ref_model the implicit reward log p_model - log p_ref (DPO's). A tie counts one half. With chat,
+    the prompt is a user message and the completion the assistant's reply in the chat template."""
     pairs = [(it["prompt"], it[key]) for it in items for key in ("chosen", "rejected")]
-    s = np.array([x for x, _ in score_pairs(model, tok, pairs, batch_size, show_progress)])
+    reqs = [encode_chat_pair(tok, c, x) if chat else encode_pair(tok, c, x) for c, x in pairs]
+    s = np.array([x for x, _ in score_tokens(model, reqs, batch_size, show_progress)])
     if ref_model is not None:
-        s = s - np.array([x for x, _ in score_pairs(ref_model, tok, pairs, batch_size, show_progress)])
+        s = s - np.array([x for x, _ in score_tokens(ref_model, reqs, batch_size, show_progress)])
     margin = s[0::2] - s[1::2]
     acc = float(np.mean((margin > 0) + 0.5 * (margin == 0)))
     return {"acc": acc, "margin": float(np.mean(margin)), "n": len(items), "items": margin.tolist()}

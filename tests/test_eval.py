@@ -284,6 +284,21 @@ def test_preference_counts_chosen_above_rejected(models, tok):
     assert r["items"] == pytest.approx(margins) and r["acc"] == np.mean([m > 0 for m in margins])
     same = evaluate.preference(model, tok, items, ref_model=model, show_progress=False)  # implicit reward: all 0
     assert same["acc"] == 0.5 and same["margin"] == 0.0
+    # --chat: the completion is the assistant's reply (through <|im_end|>) after the user message
+    chat = evaluate.preference(model, tok, items, show_progress=False, chat=True)
+    want = []
+    for it in items:
+        user = [{"role": "user", "content": it["prompt"]}]
+        n = len(tok.encode_chat(user, add_generation_prompt=True)[0])
+        lp = []
+        for k in ("chosen", "rejected"):
+            ids = tok.encode_chat(user + [{"role": "assistant", "content": it[k]}])[0]
+            assert tok.decode(ids[n:]).startswith(it[k] + "<|im_end|>")
+            with torch.no_grad():
+                logp = torch.log_softmax(model(torch.tensor([ids[:-1]]))[0], -1)
+            lp.append(sum(logp[t - 1, ids[t]].item() for t in range(n, len(ids))))
+        want.append(lp[0] - lp[1])
+    assert chat["items"] == pytest.approx(want, abs=1e-4)
 
 
 # ------------------------------------------------------------------------------------------ lm-eval adapter

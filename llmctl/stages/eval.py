@@ -52,7 +52,8 @@ def _evaluate(model, tok, task, records, opts, ref=None) -> dict:
     if task == "mc":
         return evaluate.multiple_choice(model, tok, records, batch_size=bs or 16, show_progress=show)
     if task == "preference":
-        return evaluate.preference(model, tok, records, ref_model=ref, batch_size=bs or 16, show_progress=show)
+        return evaluate.preference(model, tok, records, ref_model=ref, batch_size=bs or 16, show_progress=show,
+                                   chat=opts["chat"])
     completions = evaluate.generate_completions(model, tok, [r["prompt"] for r in records], opts["max_new_tokens"],
                                                 batch_size=bs or 16, chat=opts["chat"])  # fmt: skip
     return evaluate.exact_match(completions, records)
@@ -82,8 +83,8 @@ def run(model, task=None, data=(), harness=(), harness_include=None, num_fewshot
         raise UserError(f"--dtype must be float32, bfloat16 or float16, got {dtype!r}")
     if ref_model is not None and task != "preference":
         raise UserError("--ref-model only applies to --task preference")
-    if chat and task != "exact-match":
-        raise UserError("--chat only applies to --task exact-match")
+    if chat and task not in ("exact-match", "preference"):
+        raise UserError("--chat only applies to --task exact-match and --task preference")
     device = device or ("cuda" if torch.cuda.is_available() else "cpu")
     from llmctl.report import lineage as find_lineage, record_eval, write_report
 
