@@ -11,7 +11,13 @@ the best round of each side is kept.
 - batched: --batch prompts of different lengths (uniform in [prompt-len/2, 2*prompt-len]), left-padded by
   transformers, generated together; throughput = all new tokens / wall time.
 
-Greedy runs also check that both sides produce the same tokens ("same_tokens"). The machine's load average is
+llmctl runs as `llmctl generate` does: with its default speculative decoding by prompt lookup for one-prompt batches
+(Engine(prompt_lookup=8), llmctl/speculative.py: the same tokens, verified in one forward pass per draft). Every
+entry also reports llmctl with it off ("llmctl_no_lookup_tok_s", "ratio_no_lookup") and what the lookup did
+("lookup": drafted / accepted tokens, verify passes); batch1 entries add transformers with its own prompt lookup
+(`prompt_lookup_num_tokens`=8, "transformers_prompt_lookup_tok_s"; the ratio stays against plain `generate`).
+
+Greedy runs also check that the sides produce the same tokens ("same_tokens"). The machine's load average is
 recorded before and after: on a shared machine, compare ratios (both sides ran side by side), not tok/s.
 
     python benchmarks/generate_vs_hf.py [--models llama-6m gpt2-124m] [--sampling greedy top-p] [--threads N]
@@ -51,16 +57,22 @@ def make_prompts(n, prompt_len, vocab, seed=0, vary=True):
     return [torch.randint(0, vocab, (int(k),), generator=g).tolist() for k in lens]
 
 
-def run_llmctl(engine, prompts, sampling, new_tokens):
+def run_llmctl(engine, prompts, sampling, new_tokens, lookup=None):
     params = SamplingParams(max_new_tokens=new_tokens, ignore_eos=True, seed=0, **sampling)
-    t0 = time.perf_counter()
-    res = engine.generate(prompts, params)
-    dt = time.perf_counter() - t0
+    default = engine.prompt_lookup
+    if lookup is not None:
+        engine.prompt_lookup = lookup
+    try:
+        t0 = time.perf_counter()
+        res = engine.generate(prompts, params)
+        dt = time.perf_counter() - t0
+    finally:
+        engine.prompt_lookup = default
     assert all(r.completion_tokens == new_tokens for r in res)
     return len(prompts) * new_tokens / dt, [r.tokens for r in res]
 
 
-def run_hf(model, prompts, sampling, new_tokens):
+def run_hf(model, prompts, sampling, new_tokens, **extra):
     L = max(map(len, prompts))
     ids = torch.zeros(len(prompts), L, dtype=torch.long)
     mask = torch.zeros(len(prompts), L, dtype=torch.long)
@@ -71,7 +83,7 @@ def run_hf(model, prompts, sampling, new_tokens):
     t0 = time.perf_counter()
     with torch.inference_mode():
         out = model.generate(ids, attention_mask=mask, max_new_tokens=new_tokens, min_new_tokens=None,
-                             pad_token_id=0, eos_token_id=None, **kw)
+                             pad_token_id=0, eos_token_id=None, **kw, **extra)
     dt = time.perf_counter() - t0
     assert out.shape[1] == L + new_tokens
     return len(prompts) * new_tokens / dt, out[:, L:].tolist()
@@ -88,22 +100,45 @@ def bench(name, args):
         theirs = AutoModelForCausalLM.from_pretrained(d, attn_implementation="sdpa").eval()
     theirs.generation_config.eos_token_id = None
     out = {"params": ours.model.num_params()}
+    lookup = ours.prompt_lookup
     for mode in args.sampling:
         for kind, prompts in (("batch1", make_prompts(1, args.prompt_len, cfg.vocab_size, vary=False)),
                               ("batched", make_prompts(args.batch, args.prompt_len, cfg.vocab_size))):
             if kind not in args.kinds:
                 continue
-            best_l = best_h = 0.0
-            same = True
-            run_llmctl(ours, prompts, SAMPLING[mode], 4)  # warm-up
-            run_hf(theirs, prompts, SAMPLING[mode], 4)
-            for _ in range(args.rounds):
-                tl, tok_l = run_llmctl(ours, prompts, SAMPLING[mode], args.new_tokens)
-                th, tok_h = run_hf(theirs, prompts, SAMPLING[mode], args.new_tokens)
-                best_l, best_h = max(best_l, tl), max(best_h, th)
-                same = same and tok_l == tok_h
-            r = {"llmctl_tok_s": round(best_l, 1), "transformers_tok_s": round(best_h, 1),
-                 "ratio": round(best_l / best_h, 2), "prompts": len(prompts)}
+            hf_lookup = kind == "batch1" and not args.no_hf_lookup
+            sides = {"llmctl": lambda n: run_llmctl(ours, prompts, SAMPLING[mode], n),
+                     "llmctl_no_lookup": lambda n: run_llmctl(ours, prompts, SAMPLING[mode], n, lookup=0),
+                     "transformers": lambda n: run_hf(theirs, prompts, SAMPLING[mode], n)}  # fmt: skip
+            if hf_lookup:
+                sides["transformers_prompt_lookup"] = lambda n: run_hf(theirs, prompts, SAMPLING[mode], n,
+                                                                       prompt_lookup_num_tokens=lookup)  # fmt: skip
+            best = dict.fromkeys(sides, 0.0)
+            tokens = {}
+            same = same_lookup = True
+            for run in sides.values():  # warm-up
+                run(4)
+            for _ in range(args.rounds):  # the sides alternate; the best round of each is kept
+                for side, run in sides.items():
+                    if side == "llmctl":
+                        ours.stats.update(lookup_steps=0, drafted=0, accepted=0)
+                    tps, tokens[side] = run(args.new_tokens)
+                    best[side] = max(best[side], tps)
+                    if side == "llmctl":
+                        stats = dict(ours.stats)
+                same = same and all(t == tokens["transformers"] for t in tokens.values())
+                same_lookup = same_lookup and tokens["llmctl"] == tokens["llmctl_no_lookup"]
+            h = best["transformers"]
+            r = {"llmctl_tok_s": round(best["llmctl"], 1), "transformers_tok_s": round(h, 1),
+                 "ratio": round(best["llmctl"] / h, 2),
+                 "llmctl_no_lookup_tok_s": round(best["llmctl_no_lookup"], 1),
+                 "ratio_no_lookup": round(best["llmctl_no_lookup"] / h, 2)}  # fmt: skip
+            if hf_lookup:
+                r["transformers_prompt_lookup_tok_s"] = round(best["transformers_prompt_lookup"], 1)
+            r["lookup"] = {"drafted": stats["drafted"], "accepted": stats["accepted"],
+                           "verify_passes": stats["lookup_steps"]}  # fmt: skip
+            r["lookup_same_tokens"] = same_lookup  # with and without it (sampling too: same seed, same tokens)
+            r["prompts"] = len(prompts)
             if mode == "greedy":
                 r["same_tokens"] = same
             out[f"{kind}/{mode}"] = r
@@ -121,6 +156,7 @@ def main():
     ap.add_argument("--new-tokens", type=int, default=128)
     ap.add_argument("--rounds", type=int, default=3)
     ap.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's)")
+    ap.add_argument("--no-hf-lookup", action="store_true", help="skip transformers' prompt-lookup runs")
     args = ap.parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)

@@ -36,6 +36,7 @@ import torch
 import torch.nn.functional as F
 
 from llmctl.fastdecode import FastDecode
+from llmctl.speculative import ngram_draft
 
 FINISH_REASONS = ("stop", "length", "eos")
 
@@ -247,6 +248,33 @@ class _Batch:
         tok = sample(logits, self.u[:, t], self.temp, self.top_k, self.top_p, self.min_p)
         return torch.where(self.greedy, argmax(logits), tok) if self.any_greedy else tok
 
+    def select_draft(self, logits: torch.Tensor, t: int, draft: list[int]) -> list[int]:
+        """One-row batch: the tokens at decode steps t, t+1, ... from the verify pass's logits [1 + d, V] (position j
+        was computed after draft[:j]): what `select` picks at each position, as long as the previous pick equalled
+        the draft token there; so the accepted draft tokens plus one more (llmctl/speculative.py). Observes them."""
+        n = logits.size(0)
+        if self.rep is None and self.freq is None:  # no state between positions: all picks at once
+            if self.all_greedy:
+                picks = argmax(logits).tolist()
+            else:
+                e = lambda x: None if x is None else x.expand(n)  # noqa: E731
+                picks = sample(logits, self.u[0, t : t + n], e(self.temp), e(self.top_k), e(self.top_p),
+                               e(self.min_p)).tolist()  # fmt: skip
+            out = []
+            for j, v in enumerate(picks):
+                out.append(v)
+                if j == n - 1 or v != draft[j]:
+                    break
+            return out
+        out = []
+        for j in range(n):
+            tok = self.select(logits[j : j + 1], t + j)
+            self.observe(tok)
+            out.append(int(tok))
+            if j == n - 1 or out[-1] != draft[j]:
+                break
+        return out
+
     def observe(self, tok: torch.Tensor) -> None:
         """Record the new tokens [B] for the penalties."""
         if self.seen is not None:
@@ -269,11 +297,20 @@ class Engine:
     """Batched generation with a KV cache for an llmctl Transformer (eval mode, any device / dtype)."""
 
     def __init__(self, model, tokenizer=None, *, eos_ids: Sequence[int] | None = None, fast: bool = True,
-                 share_weights: bool = False, compile: bool | str = False, sync_every: int | None = None):  # fmt: skip
+                 share_weights: bool = False, compile: bool | str = False, sync_every: int | None = None,
+                 prompt_lookup: int = 8):  # fmt: skip
         """fast: decode with FastDecode (copies of the weights; share_weights: re-point the model's weights at
         them instead, for an inference-only model). compile: run its static-shape step through torch.compile
         (True: inductor, with CUDA graphs on a GPU; a string: that backend); sampled batches only, rows are then
-        not dropped from a batch. eos_ids: default the tokenizer's and the config's EOS."""
+        not dropped from a batch. eos_ids: default the tokenizer's and the config's EOS.
+        prompt_lookup: speculative decoding of one-prompt batches (a single PROMPT, `stream`, batch_size 1) with
+        drafts of up to this many tokens found by n-gram lookup in the prompt and the text so far, checked in one
+        forward pass (llmctl/speculative.py): the same tokens as without it, faster when the text repeats
+        itself (code, quoting, extraction, a looping model). 0 = off. Counts in `stats`."""
+        if not (isinstance(prompt_lookup, int) and prompt_lookup >= 0):
+            raise ValueError(f"prompt_lookup must be an integer >= 0, got {prompt_lookup!r}")
+        self.prompt_lookup = prompt_lookup
+        self.stats = {"lookup_steps": 0, "drafted": 0, "accepted": 0}  # speculative decoding, since creation
         self.model = _base(model)
         self.fast = FastDecode(self.model, share_weights) if fast and FastDecode.supported(self.model) else None
         self.compiled = None
@@ -412,6 +449,8 @@ class Engine:
         h = m(b.idx, position_ids=pos, cache=b.cache, attn_mask=b.mask[:, : b.L] if b.padded else None,
               return_hidden=True)[:, -1]  # fmt: skip
         logits = m.lm_head(h).float()  # [B, V]: the prompt's last position only
+        if len(b.rows) == 1 and self.prompt_lookup and not b.static:
+            return (yield from self._decode_lookup(b, prompts[b.rows[0]], logits, stream))
         pending: list[torch.Tensor] = []
         need_host = stream or any(b.stops)
         streamed = ""
@@ -455,6 +494,62 @@ class Engine:
                 break
             logits = self._forward(b, tok, t)
         return [results[i] for i in rows]
+
+    def _decode_lookup(self, b: _Batch, prompt, logits: torch.Tensor, stream: bool):
+        """_decode of a one-row batch with prompt-lookup speculation (llmctl/speculative.py): each step either
+        verifies [last token, draft...] in one forward pass and keeps the accepted draft tokens plus one, or, when
+        the lookup finds nothing, runs the plain one-token step. The draft length adapts: +2 after a fully
+        accepted draft, -1 otherwise."""
+        m, cache, st = self.model, b.cache, self.stats
+        limit, eos, stops, tail = b.limit[0], b.eos[0], b.stops[0], b.stop_tail[0]
+        seq = np.empty(len(prompt) + limit, dtype=np.int64)  # prompt and completion, for the lookup
+        seq[: len(prompt)] = prompt
+        n = len(prompt)
+        gen: list[int] = []
+        reason, streamed, k = None, "", min(4, self.prompt_lookup)
+        tok = b.select(logits, 0)
+        b.observe(tok)
+        toks = tok.tolist()
+        while True:
+            for v in toks:
+                gen.append(v)
+                seq[n] = v
+                n += 1
+                if v in eos:
+                    reason = "eos"
+                elif stops and self._hit_stop(gen, stops, tail):
+                    reason = "stop"
+                elif len(gen) >= limit:
+                    reason = "length"
+                if reason is not None:
+                    break
+            if stream:
+                text = self._stream_text(prompt, gen, stops) if reason is None else self._result(prompt, gen, reason,
+                                                                                                 stops).text  # fmt: skip
+                if len(text) > len(streamed) and text.startswith(streamed):
+                    yield text[len(streamed) :]
+                    streamed = text
+            if reason is not None:
+                return [self._result(prompt, gen, reason, stops)]
+            g = len(gen)  # gen[-1] goes to position n - 1 of the cache; the next pick is decode step g
+            draft = ngram_draft(seq[:n], min(k, limit - g - 1))
+            if not draft:
+                tok = b.select(self._forward(b, torch.tensor([gen[-1]], device=self.device), g - 1), g)
+                b.observe(tok)
+                toks = tok.tolist()
+                continue
+            P = cache.pos
+            idx = torch.tensor([gen[-1], *draft], device=self.device)
+            if b.fast is not None:  # logits [1 + d, V]; writes the cache at P .. P + d
+                logits = b.fast.verify(idx, cache)
+            else:
+                logits = m.lm_head(m(idx[None], cache=cache, return_hidden=True)[0]).float()
+            toks = b.select_draft(logits, g, draft)
+            cache.pos = P + len(toks)  # the last token and the accepted draft; the slots after are stale
+            st["lookup_steps"] += 1
+            st["drafted"] += len(draft)
+            st["accepted"] += len(toks) - 1
+            k = min(k + 2, self.prompt_lookup) if len(toks) > len(draft) else max(1, k - 1)
 
     def _hit_stop(self, gen, stops, tail) -> bool:
         text = self.tokenizer.decode(gen[-tail:], skip_special_tokens=True)

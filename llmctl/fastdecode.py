@@ -50,15 +50,23 @@ class FastDecode:
             else:
                 self.layers.append((blk.ln_1, *self._fuse(blk.attn.c_attn), *self._fuse(blk.attn.c_proj), blk.ln_2,
                                     *self._fuse(blk.mlp.c_fc), *self._fuse(blk.mlp.c_proj)))  # fmt: skip
-        if cfg.tie_embeddings:  # the embedding keeps its layout: a transposed copy, or a view when sharing
-            self.lm_head = m.lm_head.weight.detach().t() if self.share else m.lm_head.weight.detach().t().contiguous()
+        self.lm_rows = None  # sharing a tied embedding: logits = (E @ h.T).T with E [V, C] as it is
+        if cfg.tie_embeddings and self.share:  # (x @ E.T is ~1.7x slower than either for a few rows, e.g. M=9)
+            self.lm_rows = m.lm_head.weight.detach()
+            self.lm_head = self.lm_rows.t()
+        elif cfg.tie_embeddings:  # the embedding keeps its layout: a transposed copy
+            self.lm_head = m.lm_head.weight.detach().t().contiguous()
         else:
             self.lm_head = self._fuse(m.lm_head)[0]
         if cfg.arch == "llama":
             half, dtype = cfg.head_dim // 2, m.lm_head.weight.dtype
             sign = torch.cat([-torch.ones(half), torch.ones(half)]).to(m.rope_sin)
-            # rotate_half(x) * sin == flip_halves(x) * (sign * sin)
+            # rotate_half(x) * sin == flip_halves(x) * (sign * sin); RoPE at a position is then x @ R with
+            # R = eye * cos + swap * (sign * sin), swap[(j + half) % hd, j] = 1: one batched matmul per layer
             self.cos, self.sin = m.rope_cos.to(dtype), (m.rope_sin * sign).to(dtype)
+            hd = cfg.head_dim
+            self.eye = torch.eye(hd, dtype=dtype, device=self.cos.device)
+            self.swap = self.eye[(torch.arange(hd) + half) % hd]
         self.version = self._version()
 
     def _fuse(self, *lins):
@@ -92,6 +100,26 @@ class FastDecode:
         cache.pos = P + 1
         return out
 
+    def verify(self, x, cache):
+        """x [T]: consecutive tokens of a one-row cache's sequence, at positions cache.pos .. cache.pos + T - 1 ->
+        logits [T, V] (fp32), each position attending to the cache and to the tokens before it (speculative
+        decoding's verify pass: the T positions run as T rows of the same step). Writes the cache; advances pos."""
+        P, T = cache.pos, x.size(0)
+        if P + T > cache.max_len or cache.k[0].size(0) != 1:
+            raise ValueError(f"verify needs a one-row cache with room for {P + T} positions")
+
+        def kv(i, k, v):  # k, v [T, nkv, hd] -> the row's keys / values so far, once per position [T, nkv, P+T, hd]
+            kc, vc = cache.k[i], cache.v[i]
+            kc[0, :, P : P + T] = k.transpose(0, 1)
+            vc[0, :, P : P + T] = v.transpose(0, 1)
+            return kc[:, :, : P + T].expand(T, -1, -1, -1), vc[:, :, : P + T].expand(T, -1, -1, -1)
+
+        pos = torch.arange(P, P + T, device=x.device)
+        mask = torch.arange(P + T, device=x.device)[None, :] <= pos[:, None]  # [T, P+T] causal
+        out = self._step(x, pos, mask[:, None, None, :], kv)
+        cache.pos = P + T
+        return out
+
     def static_step(self, x, ks, vs, slot, position, mask):
         """The same step with static shapes, for torch.compile / CUDA graphs: the new keys / values go to cache
         slot `slot` (a 1-element long tensor) of the whole buffers ks / vs ([B, nkv, max_len, hd] per layer), and
@@ -114,8 +142,9 @@ class FastDecode:
         if llama:
             h = m.model.embed_tokens(x)  # [B, C]
             cos, sin = self.cos[pos], self.sin[pos]  # [hd] or [B, hd]
-            if cos.dim() == 2:
-                cos, sin = cos[:, None], sin[:, None]  # [B, 1, hd]
+            if cos.dim() == 1:
+                cos, sin = cos[None], sin[None]
+            rot = torch.addcmul(self.eye * cos[:, None], self.swap, sin[:, None])  # [B or 1, hd, hd]
         else:
             h = m.transformer.wte(x) + m.transformer.wpe(torch.full_like(x, pos) if isinstance(pos, int) else pos)
         for i, layer in enumerate(self.layers):
@@ -124,7 +153,7 @@ class FastDecode:
                 xn = _rms(h, ln1, cfg.norm_eps)
                 qkv = (xn @ wqkv if bqkv is None else torch.addmm(bqkv, xn, wqkv)).view(B, nh + 2 * nkv, hd)
                 qk = qkv[:, : nh + nkv]
-                qk = torch.addcmul(qk * cos, qk.view(B, nh + nkv, 2, hd // 2).flip(2).view(B, nh + nkv, hd), sin)
+                qk = torch.matmul(qk, rot)  # RoPE: qk * cos + rotate_half(qk) * sin
                 q, k, v = qk[:, :nh], qk[:, nh:], qkv[:, nh + nkv :]
             else:
                 ln1, wqkv, bqkv, wo, bo, ln2, wfc, bfc, wp, bp = layer
@@ -144,6 +173,9 @@ class FastDecode:
                 xn = F.layer_norm(h, ln2.normalized_shape, ln2.weight, ln2.bias, ln2.eps)
                 h = torch.addmm(h, F.gelu(torch.addmm(bfc, xn, wfc), approximate="tanh"), wp) + bp
         h = _rms(h, m.model.norm.weight, cfg.norm_eps) if llama else m.transformer.ln_f(h)
+        if self.lm_rows is not None:
+            out = torch.mm(self.lm_rows, h.t()).t()
+            return (out.contiguous() if B > 1 else out).float()
         return (h @ self.lm_head).float()
 
 

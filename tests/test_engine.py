@@ -126,6 +126,10 @@ def test_kv_cache_decode_logits_equal_full_forward(kw):
         for t in range(6):
             logits = fast(torch.tensor([cont[0][t]]), cache)
             torch.testing.assert_close(logits[0], full[0][14 + t], atol=1e-4, rtol=0)
+        # speculative decoding's verify pass: several positions of one row at once, over stale cache slots
+        cache.pos = 14
+        torch.testing.assert_close(fast.verify(torch.tensor(cont[0][:5]), cache), full[0][14:19], atol=1e-4, rtol=0)
+        assert cache.pos == 19
     assert engine.fast is not None
 
 
@@ -156,6 +160,49 @@ def test_fast_decode_follows_weight_updates_and_sharing():
     shared = Engine(m, eos_ids=[], share_weights=True)  # the model's weights become views of the fused copies
     assert shared.generate(p, SamplingParams(max_new_tokens=8, temperature=0))[0].tokens == after
     assert m(torch.tensor(p)).shape == (1, 6, V)
+
+
+def test_ngram_draft():
+    from llmctl.speculative import ngram_draft
+
+    seq = np.array
+    assert ngram_draft(seq([1, 2, 3, 1, 2, 4, 1, 2]), 2) == [4, 1]  # the most recent occurrence of (1, 2)
+    assert ngram_draft(seq([7, 1, 2, 3, 9, 1, 2, 3]), 3) == [9, 1, 2]  # the longest n-gram first
+    assert ngram_draft(seq([9, 1, 2, 1, 2]), 5) == [1, 2, 1, 2, 1]  # a cycle continues into the draft
+    assert ngram_draft(seq([5, 5]), 3) == [5, 5, 5]
+    assert ngram_draft(seq([1, 2, 3]), 4) == [] and ngram_draft(seq([4]), 2) == [] and ngram_draft(seq([4, 4]), 0) == []
+
+
+@pytest.mark.parametrize("fast", [True, False])
+def test_prompt_lookup_gives_the_tokens_of_plain_decoding(tok, fast):
+    """Speculative decoding by prompt lookup (on by default for one-prompt batches) gives the tokens of plain
+    decoding, greedy and sampled (same seed), with penalties, EOS and stop strings inside accepted drafts and
+    streaming (drafts accepted and rejected along the way)."""
+    m = make_model()
+    on, off = Engine(m, tok, eos_ids=[], fast=fast), Engine(m, tok, eos_ids=[], fast=fast, prompt_lookup=0)
+    p = prompts_of([9])[0] * 3
+    cases = [SamplingParams(max_new_tokens=40, temperature=0), SamplingParams(max_new_tokens=40, temperature=0.3, seed=3),
+             SamplingParams(max_new_tokens=40, temperature=0.8, top_k=20, top_p=0.9, min_p=0.05, seed=1),
+             SamplingParams(max_new_tokens=40, temperature=0, repetition_penalty=1.3),
+             SamplingParams(max_new_tokens=40, temperature=0.5, frequency_penalty=0.3, presence_penalty=0.2, seed=2)]
+    for sp in cases:
+        a, b = on.generate([p], sp)[0], off.generate([p], sp)[0]
+        assert a.tokens == b.tokens and a.finish_reason == b.finish_reason == "length"
+    assert on.stats["drafted"] > on.stats["accepted"] > 0 and off.stats["drafted"] == 0
+    free = off.generate([p], cases[0])[0].tokens
+    eos = free[12]
+    for e in (on, off):
+        e.eos_ids = {eos}
+    a, b = on.generate([p], cases[0])[0], off.generate([p], cases[0])[0]
+    assert a.tokens == b.tokens == free[: free.index(eos) + 1] and a.finish_reason == "eos"
+    stop = tok.decode(free[15:17])
+    sp = cases[0].replace(stop=[stop], ignore_eos=True)
+    a, b = on.generate([p], sp)[0], off.generate([p], sp)[0]
+    assert (a.tokens, a.text, a.finish_reason) == (b.tokens, b.text, b.finish_reason)
+    s = on.stream(p, sp)
+    assert "".join(s) == b.text and s.result.tokens == b.tokens
+    with pytest.raises(ValueError, match="prompt_lookup"):
+        Engine(m, prompt_lookup=-1)
 
 
 # ---------------------------------------------------------------------------------------------------- samplers
