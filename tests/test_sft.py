@@ -201,13 +201,14 @@ def test_lora_trainable_fraction_on_the_6m_config():
     assert fractions["all-linear"] < 0.03
 
 
-@pytest.mark.parametrize("arch", ["llama", "gpt2"])
-def test_adapter_loads_in_peft_on_transformers(tmp_path, tok_dir, arch):
+@pytest.mark.parametrize("arch, variant", [("llama", "lora"), ("gpt2", "rslora"), ("llama", "dora")])
+def test_adapter_loads_in_peft_on_transformers(tmp_path, tok_dir, arch, variant):
     from peft import PeftModel
     from transformers import AutoModelForCausalLM
 
     base_dir = tiny_base(tmp_path, tok_dir, arch)
-    pm = lora.apply(hf.load_model(base_dir), LoraSection(r=4, dropout=0.0, rslora=arch == "gpt2"))
+    pm = lora.apply(hf.load_model(base_dir), LoraSection(r=4, dropout=0.0, rslora=variant == "rslora",
+                                                         dora=variant == "dora"))
     perturb_adapters(pm)
     ad = lora.save_adapter(pm, tmp_path / "adapter", base=str(base_dir), tokenizer_dir=tok_dir)
     x = torch.randint(5, 400, (2, 17))
