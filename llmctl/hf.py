@@ -198,13 +198,19 @@ def save_model(model, out_dir, *, tokenizer_dir=None, dtype=None) -> Path:
     (out / "config.json").write_text(json.dumps(config_to_hf(cfg, dtype), indent=2) + "\n", encoding="utf-8")
     gen = {k: getattr(cfg, k) for k in ("bos_token_id", "eos_token_id", "pad_token_id") if getattr(cfg, k) is not None}
     (out / "generation_config.json").write_text(json.dumps(gen, indent=2) + "\n", encoding="utf-8")
-    if tokenizer_dir is not None:
-        src = Path(tokenizer_dir)
-        src = src.parent if src.is_file() else src
-        for name in TOKENIZER_FILES:
-            if (src / name).is_file() and (src / name).resolve() != (out / name).resolve():
-                shutil.copyfile(src / name, out / name)
+    copy_tokenizer(tokenizer_dir, out)
     return out
+
+
+def copy_tokenizer(tokenizer_dir, out) -> None:
+    """Copy the tokenizer files of `tokenizer_dir` (a directory or its tokenizer.json; None: nothing) into `out`."""
+    if tokenizer_dir is None:
+        return
+    src, out = Path(tokenizer_dir), Path(out)
+    src = src.parent if src.is_file() else src
+    for name in TOKENIZER_FILES:
+        if (src / name).is_file() and (src / name).resolve() != (out / name).resolve():
+            shutil.copyfile(src / name, out / name)
 
 
 def _weight_files(d: Path) -> list[Path]:
@@ -267,6 +273,37 @@ def read_safetensors(path: Path):
             yield name, (torch.frombuffer(buf, dtype=dtype) if buf else torch.empty(0, dtype=dtype)).reshape(shape)
 
 
+def load_state(params: dict, files, rename, arch: str, what: str = "checkpoint") -> tuple[set, list]:
+    """Copy the tensors of safetensors `files` into `params` (name -> tensor); rename(key) gives a tensor's name
+    in `params` (None: skip it); GPT-2 Conv1D weights are transposed. Returns (names loaded, unexpected keys)."""
+    loaded, unexpected = set(), []
+    for f in files:
+        for key, t in read_safetensors(f):
+            name = rename(key)
+            if name is None:
+                continue
+            if name not in params:
+                unexpected.append(key)
+                continue
+            if arch == "gpt2" and GPT2_CONV1D.search(name) and t.dim() == 2:
+                t = t.t()  # Conv1D [in, out] -> nn.Linear [out, in]
+            p = params[name]
+            if t.shape != p.shape:
+                raise UserError(f"incompatible {what}: {key} has shape {list(t.shape)}, "
+                                f"the config implies {list(p.shape)}")  # fmt: skip
+            with torch.no_grad():
+                p.copy_(t)
+            loaded.add(name)
+    return loaded, unexpected
+
+
+def check_keys(d, missing: list, unexpected: list, what: str = "checkpoint", hint: str = "") -> None:
+    if missing or unexpected:
+        parts = [f"missing keys {missing[:5]}{' ...' if len(missing) > 5 else ''}"] if missing else []
+        parts += [f"unexpected keys {unexpected[:5]}{' ...' if len(unexpected) > 5 else ''}"] if unexpected else []
+        raise UserError(f"incompatible {what} {d}: " + "; ".join(parts) + hint)
+
+
 def load_model(path, *, device="cpu", dtype=torch.float32) -> Transformer:
     """A Transformer (in eval mode) from a model directory or a run directory's newest complete checkpoint."""
     d = resolve_model_dir(path)
@@ -280,27 +317,12 @@ def load_model(path, *, device="cpu", dtype=torch.float32) -> Transformer:
     if cfg.tie_embeddings:
         params.pop("lm_head.weight")
     prefix = "model." if cfg.arch == "llama" else "transformer."
-    loaded, unexpected = set(), []
-    for f in files:
-        for key, t in read_safetensors(f):
-            name = key if key in params or key.startswith("lm_head.") else prefix + key  # base-model files
-            if IGNORED_KEYS.search(name) or (name == "lm_head.weight" and cfg.tie_embeddings):
-                continue
-            if name not in params:
-                unexpected.append(key)
-                continue
-            if cfg.arch == "gpt2" and GPT2_CONV1D.search(name) and t.dim() == 2:
-                t = t.t()  # Conv1D [in, out] -> nn.Linear [out, in]
-            p = params[name]
-            if t.shape != p.shape:
-                raise UserError(f"incompatible checkpoint: {key} has shape {list(t.shape)}, "
-                                f"the config implies {list(p.shape)}")  # fmt: skip
-            with torch.no_grad():
-                p.copy_(t)
-            loaded.add(name)
-    missing = sorted(set(params) - loaded)
-    if missing or unexpected:
-        what = [f"missing keys {missing[:5]}{' ...' if len(missing) > 5 else ''}"] if missing else []
-        what += [f"unexpected keys {unexpected[:5]}{' ...' if len(unexpected) > 5 else ''}"] if unexpected else []
-        raise UserError(f"incompatible checkpoint {d}: " + "; ".join(what))
+
+    def rename(key):
+        name = key if key in params or key.startswith("lm_head.") else prefix + key  # base-model files
+        skip = IGNORED_KEYS.search(name) or (name == "lm_head.weight" and cfg.tie_embeddings)
+        return None if skip else name
+
+    loaded, unexpected = load_state(params, files, rename, cfg.arch)
+    check_keys(d, sorted(set(params) - loaded), unexpected)
     return model.eval()

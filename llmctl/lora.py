@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import json
 import os
-import shutil
 from pathlib import Path
 
 import torch
@@ -107,17 +106,12 @@ def _fix_config(adapter_dir: Path, arch: str, base: str | None) -> None:
 
 def save_adapter(peft_model, out_dir, base: str | None, tokenizer_dir=None) -> Path:
     """Write a peft adapter folder (adapter_config.json, adapter_model.safetensors) plus the tokenizer files."""
-    from llmctl.hf import TOKENIZER_FILES
+    from llmctl.hf import copy_tokenizer
 
     out = Path(out_dir)
     peft_model.save_pretrained(str(out), safe_serialization=True, save_embedding_layers=False)
     _fix_config(out, peft_model.get_base_model().config.arch, base)
-    if tokenizer_dir is not None:
-        src = Path(tokenizer_dir)
-        src = src.parent if src.is_file() else src
-        for name in TOKENIZER_FILES:
-            if (src / name).is_file():
-                shutil.copyfile(src / name, out / name)
+    copy_tokenizer(tokenizer_dir, out)
     return out
 
 

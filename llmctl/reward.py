@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import json
 import math
-import shutil
 from pathlib import Path
 
 import torch
@@ -23,8 +22,8 @@ import torch.nn as nn
 
 from llmctl.checkpoint import resolve_model_dir
 from llmctl.errors import UserError
-from llmctl.hf import (GPT2_CONV1D, IGNORED_KEYS, TOKENIZER_FILES, _as_dtype, _read_json, _weight_files,
-                       config_from_hf, config_to_hf, unwrap)  # fmt: skip
+from llmctl.hf import (GPT2_CONV1D, IGNORED_KEYS, _as_dtype, _read_json, _weight_files, check_keys, config_from_hf,
+                       config_to_hf, copy_tokenizer, load_state, unwrap)  # fmt: skip
 from llmctl.model import ModelConfig, Transformer
 
 
@@ -117,20 +116,13 @@ def save_reward_model(model: nn.Module, out_dir, *, pad_token_id: int | None = N
     save_file(tensors, str(out / "model.safetensors"), metadata={"format": "pt"})
     hf_cfg = reward_config_to_hf(cfg, pad, dtype)
     (out / "config.json").write_text(json.dumps(hf_cfg, indent=2) + "\n", encoding="utf-8")
-    if tokenizer_dir is not None:
-        src = Path(tokenizer_dir)
-        src = src.parent if src.is_file() else src
-        for name in TOKENIZER_FILES:
-            if (src / name).is_file() and (src / name).resolve() != (out / name).resolve():
-                shutil.copyfile(src / name, out / name)
+    copy_tokenizer(tokenizer_dir, out)
     return out
 
 
 def load_reward_model(path, *, device="cpu", dtype=torch.float32) -> RewardModel:
     """A RewardModel (in eval mode) from a sequence-classification folder (written by save_reward_model or by
     transformers, num_labels=1) or a run directory's newest complete checkpoint. Safetensors only."""
-    from safetensors import SafetensorError, safe_open
-
     d = resolve_model_dir(path)
     cfg = config_from_hf(_read_json(d / "config.json"))
     files = _weight_files(d)
@@ -138,32 +130,13 @@ def load_reward_model(path, *, device="cpu", dtype=torch.float32) -> RewardModel
         backbone = Transformer(cfg)
     model = RewardModel(backbone.to_empty(device=device), score_std=0.0).to(_as_dtype(dtype))
     params = dict(model.state_dict(keep_vars=True))
-    loaded, unexpected = set(), []
-    for f in files:
-        try:
-            with safe_open(str(f), framework="pt", device="cpu") as st:
-                for key in st.keys():
-                    name = key if key == "score.weight" else "backbone." + key
-                    if IGNORED_KEYS.search(name):
-                        continue
-                    if name not in params:
-                        unexpected.append(key)
-                        continue
-                    t = st.get_tensor(key)
-                    if cfg.arch == "gpt2" and GPT2_CONV1D.search(name) and t.dim() == 2:
-                        t = t.t()  # Conv1D [in, out] -> nn.Linear [out, in]
-                    if t.shape != params[name].shape:
-                        raise UserError(f"incompatible reward model: {key} has shape {list(t.shape)}, "
-                                        f"the config implies {list(params[name].shape)}")  # fmt: skip
-                    with torch.no_grad():
-                        params[name].copy_(t)
-                    loaded.add(name)
-        except SafetensorError as e:
-            raise UserError(f"cannot read {f}: {e}") from None
+
+    def rename(key):
+        name = key if key == "score.weight" else "backbone." + key
+        return None if IGNORED_KEYS.search(name) else name
+
+    loaded, unexpected = load_state(params, files, rename, cfg.arch, "reward model")
     missing = sorted(k.removeprefix("backbone.") for k in set(params) - loaded)  # as the file names them
-    if missing or unexpected:
-        hint = " (a causal LM, not a reward model?)" if "score.weight" in missing else ""
-        what = [f"missing keys {missing[:5]}{' ...' if len(missing) > 5 else ''}"] if missing else []
-        what += [f"unexpected keys {unexpected[:5]}{' ...' if len(unexpected) > 5 else ''}"] if unexpected else []
-        raise UserError(f"incompatible reward model {d}: " + "; ".join(what) + hint)
+    check_keys(d, missing, unexpected, "reward model",
+               " (a causal LM, not a reward model?)" if "score.weight" in missing else "")
     return model.eval()
