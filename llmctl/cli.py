@@ -300,6 +300,9 @@ def generate(
                                  "compiling takes a while, so it pays off on long runs."),
     adapter: Optional[Path] = typer.Option(None, "--adapter", help="A LoRA adapter folder or `llmctl lora` run "
                                            "directory, merged into MODEL (its base) for generation."),
+    prompt_lookup: int = typer.Option(8, "--prompt-lookup", help="One prompt at a time: speculative decoding "
+                                      "with up to N draft tokens looked up in the prompt and text so far, "
+                                      "verified in one pass; the tokens are the same as without it (0 = off)."),
 ):
     """Generate text: a PROMPT, or one prompt per stdin line (or JSONL with --json)."""
     if batch_size < 1:
@@ -311,7 +314,7 @@ def generate(
                  presence_penalty=presence_penalty, num_beams=num_beams, length_penalty=length_penalty,
                  stop=tuple(stage.unescape(s) for s in stop or ()), seed=seed)
     stage.run(model, prompt, flags, json_mode=json_mode, chat=chat, batch_size=batch_size, device=device,
-              compile=compile, adapter=adapter)
+              compile=compile, adapter=adapter, prompt_lookup=prompt_lookup)
 
 
 # --------------------------------------------------------------------------------------------- eval

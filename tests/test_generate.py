@@ -125,6 +125,10 @@ def test_prompt_argument_chat_stop_and_beams(model_dir):
     assert code == 0 and json.loads(out4)["completion"] + "\n" == out3
     code, out5, err = gen("--model", model_dir, "--num-beams", 3, "--max-new-tokens", 10, "--json", "The Python")
     assert code == 0 and json.loads(out5)["completion_tokens"] <= 10
+    for flags in (["--temperature", 0], ["--top-p", 0.9, "--seed", 3]):  # speculation changes no token
+        runs = [gen("--model", model_dir, *flags, "--max-new-tokens", 40, "--prompt-lookup", n, "The Python")
+                for n in (0, 8)]
+        assert runs[0][0] == 0 and runs[0] == runs[1]
 
 
 def test_model_kinds(model_dir, tmp_path, tok_dir):

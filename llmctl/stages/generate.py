@@ -82,7 +82,7 @@ def escape(s: str) -> str:
     return s.translate(_ESCAPE_TABLE)
 
 
-def load_engine(model_path, device: str | None = None, compile: bool = False, adapter=None):
+def load_engine(model_path, device: str | None = None, compile: bool = False, adapter=None, prompt_lookup: int = 8):
     """Engine for a MODEL (model dir, checkpoint or run dir), with a LoRA adapter merged in when one is given:
     fp32 on CPU, bf16 on a GPU that has it."""
     import torch
@@ -113,7 +113,7 @@ def load_engine(model_path, device: str | None = None, compile: bool = False, ad
             v = None
         eos |= set(v) if isinstance(v, list) else {v}
     eos_ids = [int(i) for i in eos if isinstance(i, int)]
-    return Engine(model, tok, eos_ids=eos_ids, share_weights=True, compile=compile)
+    return Engine(model, tok, eos_ids=eos_ids, share_weights=True, compile=compile, prompt_lookup=prompt_lookup)
 
 
 def encode(engine, text: str | None, chat: bool, messages=None) -> list[int]:
@@ -199,14 +199,17 @@ def parse_json_item(engine, line: str, where: str, base: dict, chat: bool, warne
 
 
 def run(model, prompt: str | None, flags: dict, *, json_mode: bool, chat: bool, batch_size: int,
-        device: str | None = None, compile: bool = False, adapter=None, stdin: TextIO | None = None,
+        device: str | None = None, compile: bool = False, adapter=None, prompt_lookup: int = 8,
+        stdin: TextIO | None = None,
         stdout: TextIO | None = None, stderr: TextIO | None = None) -> None:  # fmt: skip
     """The command: validate the flags, load the MODEL, then answer the PROMPT or every stdin line."""
     import torch
 
     stdin, stdout, stderr = stdin or sys.stdin, stdout or sys.stdout, stderr or sys.stderr
     make_params({k: v for k, v in flags.items() if v is not None})  # flag errors before the model loads
-    engine = load_engine(model, device, compile, adapter)
+    if prompt_lookup < 0:
+        raise UserError(f"--prompt-lookup must be 0 (off) or more, got {prompt_lookup}")
+    engine = load_engine(model, device, compile, adapter, prompt_lookup)
     base = dict(flags)
     if base.get("max_new_tokens") is None:
         base["max_new_tokens"] = min(DEFAULT_MAX_NEW_TOKENS, engine.block_size // 2)
