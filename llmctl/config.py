@@ -189,6 +189,7 @@ class RlSection:
     temperature: float = 1.0
     top_p: float = 1.0
     epochs: int = 1  # optimizer passes over each rollout batch
+    minibatches: int = 1  # optimizer steps per pass: each pass cuts the rollout batch into this many parts
     clip: float = 0.2  # the clipped objective's epsilon
     kl_coef: float = 0.0  # grpo: KL-to-reference loss weight; ppo: per-token KL penalty in the reward
     kl_estimator: str = choice("k3", "k1", "k2", "k3")
