@@ -58,4 +58,15 @@ $LLMCTL lora recipes/tiny/lora.yaml init_from="$D/sft" data.train="$D/tasks/sft_
 $LLMCTL eval --model "$D/sft" --adapter "$D/lora" $EM
 printf 'What is the largest of 5, 6, 8, 4?\nSort the digits 5 1 9 6.\n' |
   $LLMCTL generate --model "$D/sft" --adapter "$D/lora" --chat --temperature 0 --max-new-tokens 16
+
+PREF="--task preference --data $D/tasks/pref_test.jsonl --report $D/report"
+echo "== dpo: preference pairs (chosen = the right answer, rejected = a near miss); held-out log p(chosen) > log p(rejected)" >&2
+$LLMCTL eval --model "$D/pretrain" $PREF
+$LLMCTL rlhf recipes/tiny/dpo.yaml init_from="$D/pretrain" data.train="$D/tasks/pref_train.jsonl" \
+  data.val="$D/tasks/pref_test.jsonl" out_dir="$D/dpo"
+$LLMCTL eval --model "$D/dpo" $PREF
+echo "== grpo: sampled answers to the training questions, rewarded by exact match, from the sft model" >&2
+$LLMCTL rlhf recipes/tiny/grpo.yaml init_from="$D/sft" data.train="$D/tasks/rl_train.jsonl" \
+  eval.exact_match="$D/tasks/rl_test.jsonl" out_dir="$D/grpo"
+$LLMCTL eval --model "$D/grpo" $EM
 echo "report card: $D/report/report.md (curves: $D/report/curves.png)"
