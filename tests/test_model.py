@@ -149,6 +149,35 @@ def test_chunked_loss_gradients_match_plain_cross_entropy(arch, tie):
     assert (m.lm_head.weight.grad is None) and len(got) == len(ref) - (1 if tie else 2)
 
 
+@pytest.mark.parametrize("kw", [dict(), dict(qkv_bias=True, n_kv_head=1), dict(n_kv_head=4)])
+def test_fused_training_path_matches_plain_formulation(kw, monkeypatch):
+    """The eager training path (q/k/v as one matmul, RoPE and RMSNorm as single autograd ops) gives the plain
+    formulation's loss and gradients (the one torch.compile traces), with position_ids too."""
+    import llmctl.model as model_lib
+
+    m = tiny("llama", **kw).train()
+    idx, targets = ids(), ids(seed=2)
+    targets[1, 3:9] = -100
+    pos = torch.arange(20).repeat(2, 1) + torch.tensor([[0], [7]])
+
+    def run():
+        out = {}
+        for name, kwargs in (("plain", {}), ("positions", {"position_ids": pos})):
+            m.zero_grad()
+            loss = m(idx, targets, **kwargs)
+            loss.backward()
+            out[name] = (loss.detach(), {n: p.grad.clone() for n, p in m.named_parameters()})
+        return out
+
+    got = run()
+    monkeypatch.setattr(model_lib, "_eager_training", lambda: False)
+    ref = run()
+    for case in ref:
+        torch.testing.assert_close(got[case][0], ref[case][0])
+        for n in ref[case][1]:
+            torch.testing.assert_close(got[case][1][n], ref[case][1][n], msg=f"{case} {n}")
+
+
 def test_loss_in_bf16_weights():
     m = tiny("llama").to(torch.bfloat16).train()
     loss = m(ids(), ids(seed=2))
