@@ -95,7 +95,7 @@ def test_resume_equals_uninterrupted(setup, method):
 
 def test_sigterm_anywhere_resumes_exactly(setup):
     d, recipe = setup
-    steps = ["train.max_steps=40", "rl.epochs=3", "rl.minibatches=1"]
+    steps = ["train.max_steps=60", "rl.epochs=3", "rl.minibatches=1"]
     straight, out = d / "sig-straight", d / "sig-run"
     run(recipe, f"out_dir={straight}", *steps)
     cmd = [sys.executable, "-m", "llmctl", "rlhf", str(recipe), f"out_dir={out}", *steps]
@@ -111,7 +111,7 @@ def test_sigterm_anywhere_resumes_exactly(setup):
     _, err = p.communicate(timeout=120)
     assert p.returncode == 0 and "SIGTERM" in err, err
     first = max(trace(out))
-    assert first < 40, "the run ended before the signal arrived"
+    assert first < 60, "the run ended before the signal arrived"
     run(recipe, f"out_dir={out}", *steps)
     assert trace(out) == trace(straight)
 
