@@ -12,6 +12,25 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
+_OPTIMIZER_STEPS = 0  # optimizer steps taken in this process (any optimizer), counted by a global post-step hook
+_HOOKED = False
+
+
+def _count_step(*_):
+    global _OPTIMIZER_STEPS
+    _OPTIMIZER_STEPS += 1
+
+
+def _hook_optimizers() -> None:
+    """Count every optimizer step: fused optimizers (torch's fused AdamW on CPU, for one) update parameters in
+    place without bumping their autograd version counters, so those alone miss a training step."""
+    global _HOOKED
+    if not _HOOKED:
+        from torch.optim.optimizer import register_optimizer_step_post_hook
+
+        register_optimizer_step_post_hook(_count_step)
+        _HOOKED = True
+
 
 class FastDecode:
     """The one-token decode step of a plain llmctl Transformer (same math as `Transformer.forward` with a KV
@@ -21,6 +40,7 @@ class FastDecode:
     wrapped layers such as LoRA's (`supported`): the engine then uses the model's forward."""
 
     def __init__(self, model, share: bool = False):
+        _hook_optimizers()
         self.model, self.cfg, self.share = model, model.config, share
         self._build()
 
@@ -29,8 +49,10 @@ class FastDecode:
         lin = [m for m in model.modules() if isinstance(m, torch.nn.Linear)]
         return all(type(m) is torch.nn.Linear for m in lin)
 
-    def _version(self) -> int:
-        return sum(p._version for p in self.model.parameters())
+    def _version(self) -> tuple[int, int]:
+        """Changes whenever a parameter may have: in-place ops and copies bump its version counter, and any
+        optimizer step (fused ones bump nothing) bumps the process-wide step count."""
+        return sum(p._version for p in self.model.parameters()), _OPTIMIZER_STEPS
 
     def refresh(self) -> None:
         if not self.share and self._version() != self.version:

@@ -260,6 +260,7 @@ class RlTask:
         self.timings = {"generate_s": 0.0, "score_s": 0.0, "rollouts": 0}
         self._encoded: dict[int, list[int]] = {}
         self._perm: dict[int, np.ndarray] = {}
+        self._engine = None
 
     # ------------------------------------------------------------------ rollouts
 
@@ -288,11 +289,12 @@ class RlTask:
         return out
 
     def engine(self):
-        """A fresh Engine per rollout: its FastDecode weight copies must be the current weights, and a fused
-        optimizer step updates parameters without bumping the version counters FastDecode.refresh checks."""
-        from llmctl.engine import Engine
+        """The rollout Engine, made once: its FastDecode weight copies follow the optimizer's updates (refresh)."""
+        if self._engine is None:
+            from llmctl.engine import Engine
 
-        return Engine(self.policy.model, self.tok)
+            self._engine = Engine(self.policy.model, self.tok)
+        return self._engine
 
     @torch.no_grad()
     def _score(self, model, b: dict, value: bool = False):

@@ -157,6 +157,14 @@ def test_fast_decode_follows_weight_updates_and_sharing():
     after = engine.generate(p, SamplingParams(max_new_tokens=8, temperature=0))[0].tokens
     assert after == Engine(m, eos_ids=[], fast=False).generate(p, SamplingParams(max_new_tokens=8, temperature=0))[0].tokens
     assert after != before
+    opt = torch.optim.AdamW(m.parameters(), lr=0.05, fused=True)  # fused: updates without bumping versions
+    for w in m.parameters():
+        w.grad = torch.randn_like(w)
+    opt.step()
+    stepped = engine.generate(p, SamplingParams(max_new_tokens=8, temperature=0))[0].tokens
+    assert stepped == Engine(m, eos_ids=[], fast=False).generate(p, SamplingParams(max_new_tokens=8, temperature=0))[0].tokens
+    assert stepped != after
+    after = stepped
     shared = Engine(m, eos_ids=[], share_weights=True)  # the model's weights become views of the fused copies
     assert shared.generate(p, SamplingParams(max_new_tokens=8, temperature=0))[0].tokens == after
     assert m(torch.tensor(p)).shape == (1, 6, V)
