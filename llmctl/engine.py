@@ -36,7 +36,8 @@ import torch
 import torch.nn.functional as F
 
 from llmctl.fastdecode import FastDecode
-from llmctl.speculative import ngram_draft
+from llmctl.model import KVCache
+from llmctl.speculative import decode_rows, ngram_draft
 
 FINISH_REASONS = ("stop", "length", "eos")
 
@@ -182,8 +183,9 @@ class _Batch:
             if dev.type == "cuda":  # CUDA graphs may write the cache in place
                 for buf in self.cache.k + self.cache.v:
                     torch._dynamo.mark_static_address(buf)
-        else:
-            self.cache = m.new_cache(B, L + self.N)
+        else:  # slots, not positions: left padding can take a batch past block_size; + room for batched drafts
+            n, c, w = L + self.N + (engine.prompt_lookup if B > 1 else 0), m.config, m.lm_head.weight
+            self.cache = KVCache(c.n_layer, B, c.n_kv_head, n, c.head_dim, device=w.device, dtype=w.dtype)
         ps = self.params
 
         def col(name, used, dtype=torch.float32):  # a per-row setting [B], or None when no row uses it
@@ -424,11 +426,11 @@ class Engine:
             b.cache.pos = slot + 1
             return self.compiled(x, b.cache.k, b.cache.v, b.slot, b.lens + t, b.smask)
         if b.fast is not None:
-            if b.padded:
-                return b.fast(x, b.cache, b.lens + t, b.mask[:, : b.L + t + 1])
+            if b.padded:  # (rows done already may pass the context's end: clamped, their tokens go unused)
+                return b.fast(x, b.cache, (b.lens + t).clamp_(max=self.block_size - 1), b.mask[:, : b.L + t + 1])
             return b.fast(x, b.cache)
         if b.padded:
-            pos = (b.lens + t)[:, None]
+            pos = (b.lens + t).clamp_(max=self.block_size - 1)[:, None]
             return self.model(x[:, None], position_ids=pos, cache=b.cache, attn_mask=b.mask[:, : b.L + t + 1])[:, -1]
         return self.model(x[:, None], cache=b.cache)[:, -1]
 
@@ -451,6 +453,10 @@ class Engine:
         logits = m.lm_head(h).float()  # [B, V]: the prompt's last position only
         if len(b.rows) == 1 and self.prompt_lookup and not b.static:
             return (yield from self._decode_lookup(b, prompts[b.rows[0]], logits, stream))
+        if self.prompt_lookup and b.all_greedy and not b.static and b.fast is not None and b.rep is None \
+                and b.freq is None:  # fmt: skip
+            res = decode_rows(self, b, prompts, logits)
+            return [res[i] for i in rows]
         pending: list[torch.Tensor] = []
         need_host = stream or any(b.stops)
         streamed = ""

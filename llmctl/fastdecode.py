@@ -73,7 +73,8 @@ class FastDecode:
                 self.layers.append((blk.ln_1, *self._fuse(blk.attn.c_attn), *self._fuse(blk.attn.c_proj), blk.ln_2,
                                     *self._fuse(blk.mlp.c_fc), *self._fuse(blk.mlp.c_proj)))  # fmt: skip
         self.lm_rows = None  # sharing a tied embedding: logits = (E @ h.T).T with E [V, C] as it is
-        if cfg.tie_embeddings and self.share:  # (x @ E.T is ~1.7x slower than either for a few rows, e.g. M=9)
+        if cfg.tie_embeddings and self.share:  # (x @ E.T is ~1.7x slower than either for a few rows, e.g. M=9;
+            # as fast from ~16 rows on, and then the transposed [V, M] result's copy costs more than it saves)
             self.lm_rows = m.lm_head.weight.detach()
             self.lm_head = self.lm_rows.t()
         elif cfg.tie_embeddings:  # the embedding keeps its layout: a transposed copy
@@ -142,6 +143,30 @@ class FastDecode:
         cache.pos = P + T
         return out
 
+    def verify_rows(self, x, cache, rows, j, start, position, key_mask, T):
+        """Batched verify pass, rows advancing on their own (llmctl/speculative.py): x [M] holds, for each cache row
+        r, a run of consecutive tokens (x[m] is token j[m] of row rows[m]'s run, j < T, runs sorted by row then j;
+        a row may have none) that go to cache slots start[r] + j at positions position[r] + j. Token j of row r
+        attends to the slots s <= start[r] + j where key_mask [B, >= S] is True (S = max(start) + T; False on
+        left padding). The projections run on the M tokens; attention on runs padded to T. -> logits [M, V]
+        (fp32). Leaves cache.pos alone."""
+        B, M, dev = start.size(0), x.size(0), x.device
+        S = int(start.max()) + T
+        if S > cache.max_len:
+            raise ValueError(f"KV cache full: {S} positions needed, max_len is {cache.max_len}")
+        slots = start[rows] + j
+        am = (torch.arange(S, device=dev) <= (start[:, None] + torch.arange(T, device=dev))[:, :, None])
+        am = (am & key_mask[:, None, :S])[:, None]  # [B, 1, T, S]
+        pad = None if M == B * T else rows * T + j  # where each token sits in the padded [B * T] layout
+
+        def kv(i, k, v):  # k, v [M, nkv, hd] -> the rows' keys / values [B, nkv, S, hd]
+            kc, vc = cache.k[i], cache.v[i]
+            kc[rows, :, slots] = k
+            vc[rows, :, slots] = v
+            return kc[:, :, :S], vc[:, :, :S]
+
+        return self._step(x, position[rows] + j, am, kv, T, pad)
+
     def static_step(self, x, ks, vs, slot, position, mask):
         """The same step with static shapes, for torch.compile / CUDA graphs: the new keys / values go to cache
         slot `slot` (a 1-element long tensor) of the whole buffers ks / vs ([B, nkv, max_len, hd] per layer), and
@@ -155,9 +180,11 @@ class FastDecode:
 
         return self._step(x, position, mask[:, None, None, :], kv)
 
-    def _step(self, x, pos, am, kv):
+    def _step(self, x, pos, am, kv, T=1, pad=None):
         """Embed x [B] at positions pos (int or [B]), run the blocks (kv(layer, k, v) stores the new keys / values
-        and returns the ones to attend to; am: key mask [B, 1, 1, S] or None), return logits [B, V] fp32."""
+        and returns the ones to attend to; am: key mask [B, 1, 1, S] or None), return logits [B, V] fp32.
+        T > 1: runs of up to T tokens of R cache rows (kv returns [R, nkv, S, hd], am is [R, 1, T, S]); x's tokens
+        sit at positions `pad` of the padded [R * T] layout (None: x is that layout)."""
         cfg, m = self.cfg, self.model
         B, nh, nkv, hd = x.size(0), cfg.n_head, cfg.n_kv_head, cfg.head_dim
         llama = cfg.arch == "llama"
@@ -183,8 +210,19 @@ class FastDecode:
                 qkv = torch.addmm(bqkv, xn, wqkv).view(B, 3 * nh, hd)
                 q, k, v = qkv[:, :nh], qkv[:, nh : 2 * nh], qkv[:, 2 * nh :]
             kk, vv = kv(i, k, v)
-            y = F.scaled_dot_product_attention(q[:, :, None], kk, vv, attn_mask=am, enable_gqa=nkv != nh)
-            h = torch.addmm(h, y.view(B, nh * hd), wo)  # residual add fused
+            if T == 1 and pad is None:
+                y = F.scaled_dot_product_attention(q[:, :, None], kk, vv, attn_mask=am, enable_gqa=nkv != nh)
+                y = y.view(B, nh * hd)
+            else:
+                R = kk.size(0)
+                if pad is not None:
+                    q = q.new_zeros(R * T, nh, hd).index_copy_(0, pad, q)
+                q = q.view(R, T, nh, hd).transpose(1, 2)
+                y = F.scaled_dot_product_attention(q, kk, vv, attn_mask=am, enable_gqa=nkv != nh)
+                y = y.transpose(1, 2).reshape(R * T, nh * hd)
+                if pad is not None:
+                    y = y.index_select(0, pad)
+            h = torch.addmm(h, y, wo)  # residual add fused
             if bo is not None:
                 h = h + bo
             if llama:
@@ -195,6 +233,8 @@ class FastDecode:
                 xn = F.layer_norm(h, ln2.normalized_shape, ln2.weight, ln2.bias, ln2.eps)
                 h = torch.addmm(h, F.gelu(torch.addmm(bfc, xn, wfc), approximate="tanh"), wp) + bp
         h = _rms(h, m.model.norm.weight, cfg.norm_eps) if llama else m.transformer.ln_f(h)
+        if self.lm_rows is not None and B >= 16:  # enough rows: h @ E.T as fast, and no transposing copy
+            return F.linear(h, self.lm_rows).float()
         if self.lm_rows is not None:
             out = torch.mm(self.lm_rows, h.t()).t()
             return (out.contiguous() if B > 1 else out).float()

@@ -130,6 +130,21 @@ def test_kv_cache_decode_logits_equal_full_forward(kw):
         cache.pos = 14
         torch.testing.assert_close(fast.verify(torch.tensor(cont[0][:5]), cache), full[0][14:19], atol=1e-4, rtol=0)
         assert cache.pos == 19
+        # batched verify pass (rows advancing on their own): runs of 3 and 1 tokens, then of 0 and 2, left padding
+        # in row 1, stale slots past each row's run
+        cache = m.new_cache(2, L + 9)
+        m(idx, position_ids=pos, attn_mask=mask[:, :L], cache=cache)
+        key_mask = torch.cat([mask[:, :L], torch.ones(2, 9, dtype=torch.bool)], 1)
+        done = [0, 0]  # continuation tokens already in the cache, per row
+        for runs in ([3, 1], [0, 2], [2, 3]):
+            rows = torch.tensor([r for r, n in enumerate(runs) for _ in range(n)])
+            j = torch.tensor([i for n in runs for i in range(n)])
+            x = torch.tensor([cont[r][done[r] + i] for r, n in enumerate(runs) for i in range(n)])
+            start, position = L + torch.tensor(done), lens + torch.tensor(done)
+            logits = fast.verify_rows(x, cache, rows, j, start, position, key_mask, max(runs))
+            want = torch.stack([full[r][n + done[r] + i] for r, n in enumerate((14, 5)) for i in range(runs[r])])
+            torch.testing.assert_close(logits, want, atol=1e-4, rtol=0)
+            done = [d + n - (n > 1) for d, n in zip(done, runs)]  # the last token of a run rejected: stale slot
     assert engine.fast is not None
 
 
@@ -211,6 +226,38 @@ def test_prompt_lookup_gives_the_tokens_of_plain_decoding(tok, fast):
     assert "".join(s) == b.text and s.result.tokens == b.tokens
     with pytest.raises(ValueError, match="prompt_lookup"):
         Engine(m, prompt_lookup=-1)
+
+
+@pytest.mark.parametrize("arch", ["llama", "gpt2"])
+def test_batched_prompt_lookup_gives_the_tokens_of_plain_decoding(tok, arch):
+    """Greedy batches speculate row by row (on by default): the tokens of plain batched decoding, with rows of
+    different lengths, limits and repetitiveness, EOS and stop strings inside accepted drafts, the context's end,
+    and finished rows dropped from the batch along the way."""
+    m = make_model(arch)
+    on, off = Engine(m, tok, eos_ids=[]), Engine(m, tok, eos_ids=[], prompt_lookup=0)
+    p = prompts_of([9, 4, 17, 6, 12, 3])
+    p[0], p[3] = p[0] * 3, p[3] * 4
+    sp = SamplingParams(max_new_tokens=40, temperature=0)
+    params = [sp, sp.replace(max_new_tokens=7), sp, sp.replace(max_new_tokens=0), sp.replace(max_new_tokens=60), sp]
+    a, b = on.generate(p, params), off.generate(p, params)
+    assert [r.tokens for r in a] == [r.tokens for r in b] and [len(r.tokens) for r in a] == [40, 7, 40, 0, 60, 40]
+    assert on.stats["drafted"] > on.stats["accepted"] > 0 and off.stats["drafted"] == 0
+    free, texts = [r.tokens for r in b], [r.text for r in b if len(r.text) > 8][:3]
+    for e in (on, off):  # EOS: a token each row produces after a while
+        e.eos_ids = {free[0][20], free[2][10]}
+    a, b = on.generate(p, sp), off.generate(p, sp)
+    assert [(r.tokens, r.finish_reason) for r in a] == [(r.tokens, r.finish_reason) for r in b]
+    assert {r.finish_reason for r in a} >= {"eos"}
+    for e in (on, off):
+        e.eos_ids = set()
+    stops = [sp.replace(stop=[t[len(t) // 2 : len(t) // 2 + 3]]) for t in texts]  # from the middle of the texts
+    stops = (stops * 2)[: len(p)]
+    a, b = on.generate(p, stops), off.generate(p, stops)
+    assert [(r.tokens, r.text, r.finish_reason) for r in a] == [(r.tokens, r.text, r.finish_reason) for r in b]
+    assert "stop" in {r.finish_reason for r in a}
+    long = [(x * 20)[:n] for x, n in zip(p, (54, 60, 50))]  # rows stop at the context's end (block_size 96)
+    a, b = on.generate(long, sp.replace(max_new_tokens=60)), off.generate(long, sp.replace(max_new_tokens=60))
+    assert [r.tokens for r in a] == [r.tokens for r in b] and [len(r.tokens) for r in a] == [42, 36, 46]
 
 
 # ---------------------------------------------------------------------------------------------------- samplers
