@@ -445,6 +445,10 @@ class Engine:
         if b.N == 0:
             return [results[i] for i in rows]
         m = self.model
+        lookup_rows = (len(rows) > 1 and self.prompt_lookup and b.all_greedy and not b.static and b.fast is not None
+                       and b.rep is None and b.freq is None)  # fmt: skip
+        if lookup_rows:  # greedy batch: prefill without padding, then speculate row by row (llmctl/speculative.py)
+            return decode_rows(self, b, prompts, rows)
         pos = None  # left padding: positions count from each row's first real token
         if b.padded:
             pos = (torch.arange(b.L, device=self.device)[None, :] - (b.L - b.lens)[:, None]).clamp_(min=0)
@@ -453,10 +457,6 @@ class Engine:
         logits = m.lm_head(h).float()  # [B, V]: the prompt's last position only
         if len(b.rows) == 1 and self.prompt_lookup and not b.static:
             return (yield from self._decode_lookup(b, prompts[b.rows[0]], logits, stream))
-        if self.prompt_lookup and b.all_greedy and not b.static and b.fast is not None and b.rep is None \
-                and b.freq is None:  # fmt: skip
-            res = decode_rows(self, b, prompts, logits)
-            return [res[i] for i in rows]
         pending: list[torch.Tensor] = []
         need_host = stream or any(b.stops)
         streamed = ""

@@ -143,18 +143,19 @@ class FastDecode:
         cache.pos = P + T
         return out
 
-    def verify_rows(self, x, cache, rows, j, start, position, key_mask, T):
+    def verify_rows(self, x, cache, rows, j, start, position, key_mask, T, out=None):
         """Batched verify pass, rows advancing on their own (llmctl/speculative.py): x [M] holds, for each cache row
         r, a run of consecutive tokens (x[m] is token j[m] of row rows[m]'s run, j < T, runs sorted by row then j;
         a row may have none) that go to cache slots start[r] + j at positions position[r] + j. Token j of row r
-        attends to the slots s <= start[r] + j where key_mask [B, >= S] is True (S = max(start) + T; False on
-        left padding). The projections run on the M tokens; attention on runs padded to T. -> logits [M, V]
-        (fp32). Leaves cache.pos alone."""
+        attends to the slots s <= start[r] + j where key_mask [B, >= S] is True (S = the last slot written + 1;
+        False on left padding). The projections run on the M tokens; attention on runs padded to T. -> logits [M, V]
+        (fp32), or of the tokens x[out] only. Leaves cache.pos alone. Also a batch's prefill without padding:
+        runs = the prompts, start = their left-padded offsets, position = 0, out = each prompt's last token."""
         B, M, dev = start.size(0), x.size(0), x.device
-        S = int(start.max()) + T
+        slots = start[rows] + j
+        S = int(slots.max()) + 1
         if S > cache.max_len:
             raise ValueError(f"KV cache full: {S} positions needed, max_len is {cache.max_len}")
-        slots = start[rows] + j
         am = (torch.arange(S, device=dev) <= (start[:, None] + torch.arange(T, device=dev))[:, :, None])
         am = (am & key_mask[:, None, :S])[:, None]  # [B, 1, T, S]
         pad = None if M == B * T else rows * T + j  # where each token sits in the padded [B * T] layout
@@ -165,7 +166,7 @@ class FastDecode:
             vc[rows, :, slots] = v
             return kc[:, :, :S], vc[:, :, :S]
 
-        return self._step(x, position[rows] + j, am, kv, T, pad)
+        return self._step(x, position[rows] + j, am, kv, T, pad, out)
 
     def static_step(self, x, ks, vs, slot, position, mask):
         """The same step with static shapes, for torch.compile / CUDA graphs: the new keys / values go to cache
@@ -180,11 +181,12 @@ class FastDecode:
 
         return self._step(x, position, mask[:, None, None, :], kv)
 
-    def _step(self, x, pos, am, kv, T=1, pad=None):
+    def _step(self, x, pos, am, kv, T=1, pad=None, out=None):
         """Embed x [B] at positions pos (int or [B]), run the blocks (kv(layer, k, v) stores the new keys / values
         and returns the ones to attend to; am: key mask [B, 1, 1, S] or None), return logits [B, V] fp32.
         T > 1: runs of up to T tokens of R cache rows (kv returns [R, nkv, S, hd], am is [R, 1, T, S]); x's tokens
-        sit at positions `pad` of the padded [R * T] layout (None: x is that layout)."""
+        sit at positions `pad` of the padded [R * T] layout (None: x is that layout). out: the logits of these
+        tokens only (index into x)."""
         cfg, m = self.cfg, self.model
         B, nh, nkv, hd = x.size(0), cfg.n_head, cfg.n_kv_head, cfg.head_dim
         llama = cfg.arch == "llama"
@@ -232,6 +234,9 @@ class FastDecode:
             else:
                 xn = F.layer_norm(h, ln2.normalized_shape, ln2.weight, ln2.bias, ln2.eps)
                 h = torch.addmm(h, F.gelu(torch.addmm(bfc, xn, wfc), approximate="tanh"), wp) + bp
+        if out is not None:  # logits of these tokens only
+            h = h.index_select(0, out)
+            B = h.size(0)
         h = _rms(h, m.model.norm.weight, cfg.norm_eps) if llama else m.transformer.ln_f(h)
         if self.lm_rows is not None and B >= 16:  # enough rows: h @ E.T as fast, and no transposing copy
             return F.linear(h, self.lm_rows).float()

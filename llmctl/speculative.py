@@ -54,17 +54,18 @@ def ngram_draft(seq: np.ndarray, k: int, max_ngram: int = 3, min_ngram: int = 1)
     return src[:k].tolist() if src.size >= k else np.resize(src, k).tolist()  # a cycle: seq[start + j], extended
 
 
-def decode_rows(engine, b, prompts, logits):
-    """Prompt-lookup speculation for a greedy batch (the engine's `_decode` after the prefill; no penalties; the
-    FastDecode path): each pass, every unfinished row drafts up to its own k <= BATCH_DRAFT tokens by `ngram_draft`
-    (k adapts per row as in the one-row case); one forward pass verifies every row's [last token, draft...]
-    (FastDecode.verify_rows: projections over the tokens themselves, attention over runs padded to the longest);
-    each row keeps its accepted draft tokens plus one pick. Rows advance on their own: a row's g-th token goes to
-    cache slot L + g - 1 at position prompt length + g - 1 -- the slots and positions of plain decoding -- and the
-    slots past its accepted tokens are masked out, then overwritten by its next pass. A pass where no row drafts is
-    a plain decode step. Greedy batches only: sampled rows rarely accept drafts from near-flat distributions, and
-    the verify pass's differently shaped matmuls round differently, which can change a sampled token (the same
-    distribution, not the same text). -> {caller's index: Result}."""
+def decode_rows(engine, b, prompts, rows):
+    """Greedy decoding of the batch b of prompts[rows] with prompt-lookup speculation (no penalties; the FastDecode
+    path). The prefill runs the prompts without padding (FastDecode.verify_rows). Then each pass, every unfinished
+    row drafts up to its own k <= BATCH_DRAFT tokens by `ngram_draft` (k adapts per row as in the one-row case),
+    one forward pass verifies every row's [last token, draft...] (verify_rows again: projections over the tokens
+    themselves, attention over runs padded to the longest), and each row keeps its accepted draft tokens plus one
+    pick. Rows advance on their own: a row's g-th token goes to cache slot L + g - 1 at position prompt length +
+    g - 1 -- the slots and positions of plain decoding -- and the slots past its accepted tokens are masked out,
+    then overwritten by its next pass. A pass where no row drafts is a plain decode step. Greedy batches only:
+    sampled rows rarely accept drafts from near-flat distributions, and the verify pass's differently shaped
+    matmuls round differently, which can change a sampled token (the same distribution, not the same text).
+    -> Results in the order of rows."""
     import torch  # the engine's dependency (this module's drafting needs numpy only)
 
     from llmctl.engine import argmax
@@ -73,14 +74,20 @@ def decode_rows(engine, b, prompts, logits):
     B, L = len(b.rows), b.L
     extra = b.cache.max_len - b.mask.size(1)
     b.mask = torch.cat([b.mask, torch.ones(B, extra, dtype=torch.bool, device=dev)], 1)  # room for drafts
+    rows = list(rows)
+    lens = [len(prompts[i]) for i in rows]
+    x = torch.tensor([t for i in rows for t in prompts[i]], device=dev)  # the prefill: prompts without padding
+    rr = torch.tensor([r for r, n in enumerate(lens) for _ in range(n)], device=dev)
+    j = torch.tensor([i for n in lens for i in range(n)], device=dev)
+    last = torch.tensor(np.cumsum(lens) - 1, device=dev)
+    logits = b.fast.verify_rows(x, b.cache, rr, j, L - b.lens, torch.zeros_like(b.lens), b.mask, L, last)
     results = {}
     gen = [[] for _ in range(B)]  # per batch position
     done = [n == 0 for n in b.limit]
     for r in range(B):
         if done[r]:
             results[b.rows[r]] = engine._result(prompts[b.rows[r]], [], "length", ())
-    seqs = [np.array(prompts[i] + [0] * b.limit[r], dtype=np.int64) for r, i in enumerate(b.rows)]
-    lens = [len(prompts[i]) for i in b.rows]
+    seqs = [np.array(list(prompts[i]) + [0] * b.limit[r], dtype=np.int64) for r, i in enumerate(b.rows)]
     ks = [min(4, K)] * B
     picks = [[int(v)] for v in b.select(logits, 0).tolist()]  # the first token of every row
     drafts = [[] for _ in range(B)]  # what each row drafted for the pass just run
@@ -113,26 +120,26 @@ def decode_rows(engine, b, prompts, logits):
                     break
         alive = [r for r in range(B) if not done[r]]
         if not alive:
-            return results
+            return [results[i] for i in rows]
         if len(alive) <= B // 2:  # compact the batch: drop the finished rows
             b.keep(alive)
             gen, seqs, lens, ks = ([x[r] for r in alive] for x in (gen, seqs, lens, ks))
             done, B = [False] * len(alive), len(alive)
-        runs, rows, js, drafts = [], [], [], [[] for _ in range(B)]  # each unfinished row's [last token, draft...]
+        runs, rr, js, drafts = [], [], [], [[] for _ in range(B)]  # each unfinished row's [last token, draft...]
         for r in range(B):
             if not done[r]:
                 g = len(gen[r])
                 drafts[r] = ngram_draft(seqs[r][: lens[r] + g], min(ks[r], b.limit[r] - g - 1))
                 run = [gen[r][-1], *drafts[r]]
                 runs += run
-                rows += [r] * len(run)
+                rr += [r] * len(run)
                 js += range(len(run))
         T = 1 + max(map(len, drafts))
         if T > 1:
             st["lookup_steps"] += 1
-        x, rows, j = (torch.tensor(a, device=dev) for a in (runs, rows, js))
+        x, rr, j = (torch.tensor(a, device=dev) for a in (runs, rr, js))
         G = torch.tensor([max(len(g), 1) for g in gen], device=dev)  # tokens so far; the last one goes in now
-        logits = b.fast.verify_rows(x, b.cache, rows, j, L - 1 + G, b.lens - 1 + G, b.mask, T)  # [M, V]
+        logits = b.fast.verify_rows(x, b.cache, rr, j, L - 1 + G, b.lens - 1 + G, b.mask, T)  # [M, V]
         p, picks, o = argmax(logits).tolist(), [[] for _ in range(B)], 0
         for r in range(B):
             if not done[r]:
