@@ -209,13 +209,16 @@ def tasks(
     seed: int = typer.Option(0, "--seed", help="The same seed writes the same files."),
     families: Optional[str] = typer.Option(None, "--families", help="Comma-separated task families (default: "
                                            "the built-in mix; see llmctl/tasks.py)."),
+    phrasing: str = typer.Option("standard", "--phrasing", help="alt: the same items (numbers, words, answers, "
+                                 "splits), each question worded differently: new prompts for a model "
+                                 "fine-tuned on the standard ones."),
 ):
     """Write the built-in verifiable tasks (short questions with exact answers) as SFT, RL-prompt and
     preference-pair JSONL, train and held-out test: sft_*.jsonl, rl_*.jsonl, pref_*.jsonl."""
     from llmctl import tasks as tasks_lib
 
     kw = {k: v for k, v in (("n_train", n_train), ("n_test", n_test)) if v is not None}
-    for p in tasks_lib.write_tasks(out, seed=seed, families=families, **kw).values():
+    for p in tasks_lib.write_tasks(out, seed=seed, families=families, phrasing=phrasing, **kw).values():
         print(p)
 
 
@@ -300,9 +303,10 @@ def generate(
                                  "compiling takes a while, so it pays off on long runs."),
     adapter: Optional[Path] = typer.Option(None, "--adapter", help="A LoRA adapter folder or `llmctl lora` run "
                                            "directory, merged into MODEL (its base) for generation."),
-    prompt_lookup: int = typer.Option(8, "--prompt-lookup", help="One prompt at a time: speculative decoding "
-                                      "with up to N draft tokens looked up in the prompt and text so far, "
-                                      "verified in one pass; the tokens are the same as without it (0 = off)."),
+    prompt_lookup: int = typer.Option(8, "--prompt-lookup", help="Speculative decoding with up to N draft "
+                                      "tokens looked up in the prompt and text so far, verified in one pass (one "
+                                      "prompt at a time, or a greedy batch with up to 3 per row); the tokens are "
+                                      "the same as without it (0 = off)."),
 ):
     """Generate text: a PROMPT, or one prompt per stdin line (or JSONL with --json)."""
     if batch_size < 1:

@@ -58,6 +58,7 @@ import argparse
 import json
 import os
 import random
+import re
 import string
 import sys
 from collections.abc import Callable, Sequence
@@ -190,6 +191,42 @@ FAMILIES: dict[str, Family] = {f.name: f for f in (
     Family("last", last, "the last letter of a made-up word"),
 )}
 DEFAULT_FAMILIES: tuple[str, ...] = ("parity", "max", "first", "sort_digits", "count", "last", "succ")
+
+# The same questions phrased another way (`phrasing="alt"`, `llmctl tasks --phrasing alt`): the items (numbers,
+# words, answers, splits) are those of the standard phrasing, only the wording differs. A model fine-tuned on the
+# standard phrasing meets these as new prompts; RL on them (rewarded by the answers alone) adapts it.
+ALT_PHRASINGS: dict[str, tuple[str, str]] = {  # family -> (regex over the standard question, replacement)
+    "add": (r"What is (\d+) \+ (\d+)\?", r"Add \1 and \2."),
+    "sub": (r"What is (\d+) - (\d+)\?", r"Subtract \2 from \1."),
+    "succ": (r"What comes after (\d+)\?", r"What number follows \1?"),
+    "pred": (r"What comes before (\d+)\?", r"What number precedes \1?"),
+    "max": (r"What is the largest of (.+)\?", r"Which number is the biggest: \1?"),
+    "min": (r"What is the smallest of (.+)\?", r"Which number is the lowest: \1?"),
+    "compare": (r"Which is larger, (\d+) or (\d+)\?", r"Name the bigger number: \1 or \2."),
+    "parity": (r"Is (\d+) even or odd\?", r"Is the number \1 odd or even?"),
+    "sort_digits": (r"Sort the digits (.+)\.", r"Put the digits \1 in ascending order."),
+    "reverse": (r"Reverse the word (\w+)\.", r"Write \1 backwards."),
+    "sort_letters": (r"Sort the letters of (\w+)\.", r"Put the letters of \1 in alphabetical order."),
+    "upper": (r"Uppercase the word (\w+)\.", r"Write \1 in capital letters."),
+    "repeat": (r"Repeat the word (\w+)\.", r"Say \1 again."),
+    "count": (r"How many letters are in (\w+)\?", r"Count the letters in \1."),
+    "first": (r"What is the first letter of (\w+)\?", r"Give the first letter of \1."),
+    "last": (r"What is the last letter of (\w+)\?", r"Give the last letter of \1."),
+}
+PHRASINGS = ("standard", "alt")
+
+
+def rephrase(family: str, question: str, phrasing: str = "alt") -> str:
+    """A family's standard question in `phrasing` ("standard": unchanged; "alt": ALT_PHRASINGS)."""
+    if phrasing == "standard":
+        return question
+    if phrasing != "alt":
+        raise UserError(f"phrasing must be one of {', '.join(PHRASINGS)}, got {phrasing!r}")
+    pattern, repl = ALT_PHRASINGS[family]
+    out, n = re.subn(f"^{pattern}$", repl, question)
+    if n != 1:  # a family whose questions the pattern does not cover: a bug here, not the user's
+        raise ValueError(f"no alternative phrasing of {question!r} ({family})")
+    return out
 DEFAULT_N_TRAIN = 5000
 DEFAULT_N_TEST = 500
 
@@ -296,11 +333,14 @@ def _shares(n: int, k: int) -> list[int]:
     return [n // k + (1 if i < n % k else 0) for i in range(k)]
 
 
-def generate(n_train: int, n_test: int, seed: int = 0, families=None) -> tuple[list[Item], list[Item]]:
+def generate(n_train: int, n_test: int, seed: int = 0, families=None,
+             phrasing: str = "standard") -> tuple[list[Item], list[Item]]:
     """(train, test) items: n_train / n_test split evenly over the families (the first ones get the remainder).
     Each family draws from its own random stream (seeded by seed and its name), test items first, and skips any
     question it already drew, so questions are unique across both splits and a family's items do not depend on
-    which other families are chosen. Rows are shuffled (seeded)."""
+    which other families are chosen. Rows are shuffled (seeded). phrasing "alt": the same items, each question
+    worded as ALT_PHRASINGS has it."""
+    rephrase("max", "What is the largest of 1, 2, 3?", phrasing)  # validates phrasing
     if n_train < 0 or n_test < 0:
         raise UserError(f"--n-train and --n-test must be >= 0, got {n_train} and {n_test}")
     names = _families(families)
@@ -320,7 +360,7 @@ def generate(n_train: int, n_test: int, seed: int = 0, families=None) -> tuple[l
                     raise UserError(f"task family {name} ran out of new questions after {len(seen)}; "
                                     f"ask for fewer items")  # fmt: skip
                 seen.add(q)
-                out.append(Item(name, q, a, wrong_answer(a, bad)))
+                out.append(Item(name, rephrase(name, q, phrasing), a, wrong_answer(a, bad)))
     random.Random(f"llmctl.tasks:{seed}:shuffle-train").shuffle(train)
     random.Random(f"llmctl.tasks:{seed}:shuffle-test").shuffle(test)
     return train, test
@@ -350,9 +390,9 @@ def _atomic_write(path: Path, text: str) -> None:
 
 
 def write_tasks(out_dir, n_train: int = DEFAULT_N_TRAIN, n_test: int = DEFAULT_N_TEST, seed: int = 0,
-                families=None) -> dict[str, Path]:
+                families=None, phrasing: str = "standard") -> dict[str, Path]:
     """Write sft_, rl_ and pref_ train / test JSONL files into out_dir (each atomically); returns name -> path."""
-    train, test = generate(n_train, n_test, seed, families)
+    train, test = generate(n_train, n_test, seed, families, phrasing)
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     paths = {}
@@ -374,9 +414,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     ap.add_argument("--n-test", type=int, default=DEFAULT_N_TEST, help=f"held-out items (default {DEFAULT_N_TEST})")
     ap.add_argument("--seed", type=int, default=0, help="the same seed gives the same files (default 0)")
     ap.add_argument("--families", default=None, help=f"comma-separated (default: {','.join(DEFAULT_FAMILIES)})")
+    ap.add_argument("--phrasing", default="standard", choices=PHRASINGS,
+                    help="alt: the same items, each question worded differently (default standard)")
     args = ap.parse_args(argv)
     try:
-        paths = write_tasks(args.out, args.n_train, args.n_test, args.seed, args.families)
+        paths = write_tasks(args.out, args.n_train, args.n_test, args.seed, args.families, args.phrasing)
     except (UserError, OSError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2

@@ -160,3 +160,42 @@ def test_main_errors(tmp_path, capsys):
     assert capsys.readouterr().err.startswith("error: unknown task family nope")
     assert not (tmp_path / "v").exists()
     assert tasks.main(["--out", str(tmp_path / "w"), "--n-train", "-1"]) == 2
+
+
+def test_alt_phrasing_is_the_same_items_worded_otherwise(all_items):
+    alt = tasks.generate(1600, 320, seed=3, families=list(tasks.FAMILIES), phrasing="alt")
+    assert set(tasks.ALT_PHRASINGS) == set(tasks.FAMILIES)
+    templates = {}
+    for std_split, alt_split in zip(all_items, alt):
+        assert [(i.family, i.answer, i.rejected) for i in std_split] == [(i.family, i.answer, i.rejected)
+                                                                          for i in alt_split]  # fmt: skip
+        for s, a in zip(std_split, alt_split):
+            assert a.question != s.question
+            assert _ints(a.question) == _ints(s.question) or s.family == "sub"  # the same numbers
+            if s.family == "sub":  # "Subtract b from a."
+                assert _ints(a.question)[::-1] == _ints(s.question)
+            words = set(re.findall(r"\b[a-z]+\b", s.question)) - set(re.findall(r"\b[a-z]+\b", a.question))
+            assert not words - {"what", "is", "the", "of", "comes", "after", "before", "largest", "smallest", "which",
+                                "larger", "or", "even", "odd", "digits", "word", "letters", "how", "many", "are",
+                                "in", "letter"}, (s.question, a.question)  # the item's made-up word is kept
+            templates.setdefault(a.family, set()).add(" ".join(a.question.split()[:2]))
+    for family, starts in templates.items():  # the alternative wording is new: no standard question starts so
+        assert not any(it.question.startswith(t) for t in starts for it in all_items[1] if it.family == family)
+    assert not {it.question for it in alt[0]} & {it.question for it in alt[1]}
+    assert len({it.question for it in alt[0]}) == len(alt[0])
+
+
+def test_alt_phrasing_cli(tmp_path):
+    r = subprocess.run([sys.executable, "-m", "llmctl", "tasks", "--out", str(tmp_path / "a"), "--n-train", "14",
+                        "--n-test", "7", "--phrasing", "alt"], cwd=REPO, capture_output=True, text=True)  # fmt: skip
+    assert r.returncode == 0, r.stderr
+    std = tasks.write_tasks(tmp_path / "s", 14, 7)
+    alt = read_jsonl(tmp_path / "a" / "rl_test.jsonl", "exact-match")
+    ref = read_jsonl(std["rl_test"], "exact-match")
+    assert [r["answer"] for r in alt] == [r["answer"] for r in ref]
+    assert all(a["prompt"] != b["prompt"] for a, b in zip(alt, ref))
+    r = subprocess.run([sys.executable, "-m", "llmctl", "tasks", "--out", str(tmp_path / "b"), "--phrasing", "odd"],
+                       cwd=REPO, capture_output=True, text=True)  # fmt: skip
+    assert r.returncode == 2 and r.stderr.strip().splitlines() == ["error: phrasing must be one of standard, alt, "
+                                                                   "got 'odd'"]  # fmt: skip
+    assert not (tmp_path / "b").exists()
