@@ -65,8 +65,12 @@ $LLMCTL eval --model "$D/pretrain" $PREF
 $LLMCTL rlhf recipes/tiny/dpo.yaml init_from="$D/pretrain" data.train="$D/tasks/pref_train.jsonl" \
   data.val="$D/tasks/pref_test.jsonl" out_dir="$D/dpo"
 $LLMCTL eval --model "$D/dpo" $PREF
-echo "== grpo: sampled answers to the training questions, rewarded by exact match, from the sft model" >&2
-$LLMCTL rlhf recipes/tiny/grpo.yaml init_from="$D/sft" data.train="$D/tasks/rl_train.jsonl" \
-  eval.exact_match=null out_dir="$D/grpo" train.max_steps="${GRPO_STEPS:-60}"
-$LLMCTL eval --model "$D/grpo" $EM
+echo "== grpo: the same kinds of questions worded differently (new prompts for the sft model); sampled answers," \
+  "rewarded by exact match alone; exact-match before / after" >&2
+$LLMCTL tasks --out "$D/tasks-alt" --phrasing alt > /dev/null
+ALT="--task exact-match --data $D/tasks-alt/rl_test.jsonl --limit 200 --chat --max-new-tokens 16 --report $D/report"
+$LLMCTL eval --model "$D/sft" $ALT
+$LLMCTL rlhf recipes/tiny/grpo.yaml init_from="$D/sft" data.train="$D/tasks-alt/rl_train.jsonl" \
+  eval.exact_match=null out_dir="$D/grpo" train.max_steps="${GRPO_STEPS:-80}"
+$LLMCTL eval --model "$D/grpo" $ALT
 echo "report card: $D/report/report.md (curves: $D/report/curves.png)"

@@ -163,11 +163,23 @@ def read_evals(report_dir) -> list[dict]:
     return out
 
 
-def _headline(rec: dict) -> dict:
+def _data_labels(evals: list[dict]) -> dict[str, str]:
+    """A short label per evaluation data path: its file name, or parent/name where two different paths share a
+    file name (e.g. tasks/rl_test.jsonl and tasks-alt/rl_test.jsonl)."""
+    paths = {(r.get("data") or "").split()[0] for r in evals if r.get("data")}
+    names: dict[str, set] = {}
+    for p in paths:
+        names.setdefault(Path(p).name, set()).add(p)
+    return {p: Path(p).name if len(names[Path(p).name]) == 1 else f"{Path(p).parent.name}/{Path(p).name}"
+            for p in paths}
+
+
+def _headline(rec: dict, labels: dict[str, str] | None = None) -> dict:
     """{column name: value} of an evaluation record's main metrics."""
     task, data, m = rec.get("task", "?"), rec.get("data") or "", rec["metrics"]
     names = HEADLINE.get(task) or [k for k, v in m.items() if isinstance(v, (int, float)) and k != "n"]
-    where = f" ({Path(data.split()[0]).name})" if data else ""
+    path = data.split()[0] if data else ""
+    where = f" ({(labels or {}).get(path) or Path(path).name})" if data else ""
     return {(task if k == task.replace("-", "_") else f"{task} {k}") + where: m[k]
             for k in names if isinstance(m.get(k), (int, float))}
 
@@ -290,8 +302,9 @@ def write_report(model, report_dir) -> dict:
     md += _table(["", ""], _facts(final, stages)) + [""]
 
     by_model: dict[str, dict] = {}
+    labels = _data_labels(evals)
     for r in evals:
-        by_model.setdefault(str(Path(r.get("model", "")).resolve()), {}).update(_headline(r))
+        by_model.setdefault(str(Path(r.get("model", "")).resolve()), {}).update(_headline(r, labels))
     cols = sorted({k for s in stages for k in by_model.get(str(s.model_dir.resolve()), {})})
     md += ["## Stages", "", f"{len(stages)} stage(s), oldest first: " + " → ".join(s.name for s in stages), ""]
     rows = []

@@ -90,6 +90,13 @@ def test_report_lists_every_stage_with_metrics_and_curves(runs, corpus_file, tmp
     md = (rep / "report.md").read_text()
     assert "| mc acc (mc.jsonl) | mc acc_norm (mc.jsonl) |" in md
     assert len((rep / "evals.jsonl").read_text().splitlines()) == 3
+    # another file of the same name (e.g. tasks-alt/rl_test.jsonl next to tasks/rl_test.jsonl): its own columns
+    (tmp_path / "other").mkdir()
+    mc2 = tmp_path / "other" / "mc.jsonl"
+    mc2.write_text(json.dumps({"question": "2 + 2 =", "choices": ["5", "4"], "answer": 1}) + "\n")
+    llmctl("eval", "--model", runs / "sft", "--task", "mc", "--data", mc2, "--report", rep)
+    md = (rep / "report.md").read_text()
+    assert f"mc acc ({tmp_path.name}/mc.jsonl)" in md and "mc acc (other/mc.jsonl)" in md
 
 
 def test_report_without_a_task_and_for_a_plain_model_dir(runs, tmp_path):
