@@ -71,6 +71,6 @@ $LLMCTL tasks --out "$D/tasks-alt" --phrasing alt > /dev/null
 ALT="--task exact-match --data $D/tasks-alt/rl_test.jsonl --limit 200 --chat --max-new-tokens 16 --report $D/report"
 $LLMCTL eval --model "$D/sft" $ALT
 $LLMCTL rlhf recipes/tiny/grpo.yaml init_from="$D/sft" data.train="$D/tasks-alt/rl_train.jsonl" \
-  eval.exact_match=null out_dir="$D/grpo" train.max_steps="${GRPO_STEPS:-80}"
+  eval.exact_match=null out_dir="$D/grpo" train.max_steps="${GRPO_STEPS:-60}"
 $LLMCTL eval --model "$D/grpo" $ALT
 echo "report card: $D/report/report.md (curves: $D/report/curves.png)"
