@@ -11,7 +11,9 @@ own forward for wrapped layers such as LoRA); every row stops on its own (EOS or
 max_new_tokens) and the rows that finished early are dropped from the batch once they are half of it. The host
 reads the new tokens every step on CPU (free there), every `sync_every` steps on a GPU unless a row needs them
 (stop strings, streaming). `compile=True` runs a static-shape variant of the step through torch.compile (CUDA
-graphs on a GPU; on CPU it gains ~15-20% after ~30 s of compiling).
+graphs on a GPU; on CPU it gains ~15-20% after ~30 s of compiling). Prompt-lookup speculation (`prompt_lookup`,
+llmctl/speculative.py) replaces the one-token steps for a one-prompt batch and for a greedy batch (rows then
+advance on their own, and the greedy batch prefills without padding): the same tokens, fewer forward passes.
 
 Sampling is vectorised over the batch with per-row settings: repetition penalty (on prompt and completion
 tokens, as in transformers), frequency / presence penalties (completion tokens, as in OpenAI / vLLM), then
@@ -308,7 +310,9 @@ class Engine:
         prompt_lookup: speculative decoding of one-prompt batches (a single PROMPT, `stream`, batch_size 1) with
         drafts of up to this many tokens found by n-gram lookup in the prompt and the text so far, checked in one
         forward pass (llmctl/speculative.py): the same tokens as without it, faster when the text repeats
-        itself (code, quoting, extraction, a looping model). 0 = off. Counts in `stats`."""
+        itself (code, quoting, extraction, a looping model). Greedy batches (no penalties, FastDecode) speculate
+        row by row with drafts of up to min(this, 3) tokens (speculative.decode_rows). 0 = off. Counts in
+        `stats`."""
         if not (isinstance(prompt_lookup, int) and prompt_lookup >= 0):
             raise ValueError(f"prompt_lookup must be an integer >= 0, got {prompt_lookup!r}")
         self.prompt_lookup = prompt_lookup

@@ -16,6 +16,13 @@ speculation), up to float rounding of a multi-row matmul against a one-row one. 
 speculative-sampling rule for a point-mass draft q = delta(d): accepting d with probability min(1, p(d) / q(d)) =
 p(d) and otherwise drawing from norm(max(p - q, 0)) = p without d is the same law as drawing x ~ p and keeping d
 iff x == d -- the distribution of the text is exactly p's.
+
+A greedy batch speculates row by row (`decode_rows`): there the forward pass is mostly compute-bound (every
+verified token costs a row of each matmul, accepted or not), so the gain comes from the per-pass costs -- op
+dispatch, reading the weights and each row's KV cache once per pass -- and needs drafts that mostly hit; drafts
+stay short (BATCH_DRAFT). On the benchmarks' randomly initialised models, which fall into loops, acceptance is
+high (75-90%); real text accepts less, so the batched gain there is smaller (a pass with no drafts costs about
+what a plain step does).
 """
 
 from __future__ import annotations
@@ -88,7 +95,10 @@ def decode_rows(engine, b, prompts, rows):
         if done[r]:
             results[b.rows[r]] = engine._result(prompts[b.rows[r]], [], "length", ())
     seqs = [np.array(list(prompts[i]) + [0] * b.limit[r], dtype=np.int64) for r, i in enumerate(b.rows)]
-    ks = [min(4, K)] * B
+    ks = [min(4, K)] * B  # each row's draft length: +2 after a fully accepted draft, -1 after a miss
+    # a row whose 1-token drafts miss stops drafting for a while (4 passes, doubling while it keeps missing): in a
+    # compute-bound batch a rejected draft token costs as much as a plain step's
+    idle, backoff = [0] * B, [4] * B
     picks = [[int(v)] for v in b.select(logits, 0).tolist()]  # the first token of every row
     drafts = [[] for _ in range(B)]  # what each row drafted for the pass just run
     while True:
@@ -103,7 +113,12 @@ def decode_rows(engine, b, prompts, rows):
             if d:
                 st["drafted"] += len(d)
                 st["accepted"] += len(out) - 1
-                ks[r] = min(ks[r] + 2, K) if len(out) > len(d) else max(1, ks[r] - 1)
+                if len(out) > len(d):
+                    ks[r], backoff[r] = min(ks[r] + 2, K), 4
+                elif ks[r] > 1 or len(out) > 1:
+                    ks[r] = max(1, ks[r] - 1)
+                else:
+                    idle[r], backoff[r] = backoff[r], min(2 * backoff[r], 64)
             g, reason = gen[r], None
             for v in out:
                 g.append(v)
@@ -123,13 +138,16 @@ def decode_rows(engine, b, prompts, rows):
             return [results[i] for i in rows]
         if len(alive) <= B // 2:  # compact the batch: drop the finished rows
             b.keep(alive)
-            gen, seqs, lens, ks = ([x[r] for r in alive] for x in (gen, seqs, lens, ks))
+            gen, seqs, lens, ks, idle, backoff = ([x[r] for r in alive] for x in (gen, seqs, lens, ks, idle, backoff))
             done, B = [False] * len(alive), len(alive)
         runs, rr, js, drafts = [], [], [], [[] for _ in range(B)]  # each unfinished row's [last token, draft...]
         for r in range(B):
             if not done[r]:
                 g = len(gen[r])
-                drafts[r] = ngram_draft(seqs[r][: lens[r] + g], min(ks[r], b.limit[r] - g - 1))
+                if idle[r]:
+                    idle[r] -= 1
+                else:
+                    drafts[r] = ngram_draft(seqs[r][: lens[r] + g], min(ks[r], b.limit[r] - g - 1))
                 run = [gen[r][-1], *drafts[r]]
                 runs += run
                 rr += [r] * len(run)
