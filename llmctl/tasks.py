@@ -216,17 +216,23 @@ ALT_PHRASINGS: dict[str, tuple[str, str]] = {  # family -> (regex over the stand
 PHRASINGS = ("standard", "alt")
 
 
+def _check_phrasing(phrasing: str) -> None:
+    if phrasing not in PHRASINGS:
+        raise UserError(f"phrasing must be one of {', '.join(PHRASINGS)}, got {phrasing!r}")
+
+
 def rephrase(family: str, question: str, phrasing: str = "alt") -> str:
     """A family's standard question in `phrasing` ("standard": unchanged; "alt": ALT_PHRASINGS)."""
+    _check_phrasing(phrasing)
     if phrasing == "standard":
         return question
-    if phrasing != "alt":
-        raise UserError(f"phrasing must be one of {', '.join(PHRASINGS)}, got {phrasing!r}")
     pattern, repl = ALT_PHRASINGS[family]
     out, n = re.subn(f"^{pattern}$", repl, question)
     if n != 1:  # a family whose questions the pattern does not cover: a bug here, not the user's
         raise ValueError(f"no alternative phrasing of {question!r} ({family})")
     return out
+
+
 DEFAULT_N_TRAIN = 5000
 DEFAULT_N_TEST = 500
 
@@ -340,7 +346,7 @@ def generate(n_train: int, n_test: int, seed: int = 0, families=None,
     question it already drew, so questions are unique across both splits and a family's items do not depend on
     which other families are chosen. Rows are shuffled (seeded). phrasing "alt": the same items, each question
     worded as ALT_PHRASINGS has it."""
-    rephrase("max", "What is the largest of 1, 2, 3?", phrasing)  # validates phrasing
+    _check_phrasing(phrasing)
     if n_train < 0 or n_test < 0:
         raise UserError(f"--n-train and --n-test must be >= 0, got {n_train} and {n_test}")
     names = _families(families)
