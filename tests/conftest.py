@@ -67,3 +67,42 @@ def one_thread():
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(n)
+
+
+def sigterm_after_losses(cmd, out_dir, n: int, env=None, timeout: float = 120.0) -> tuple[int, str]:
+    """Run cmd (a training command writing out_dir/metrics.jsonl) from the repository root, send it SIGTERM once
+    n training events ("loss" lines) are logged; return (exit code, stderr)."""
+    import signal
+    import subprocess
+    import time
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parents[1]
+    p = subprocess.Popen([str(c) for c in cmd], cwd=root, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                         env=env)  # fmt: skip
+    metrics, deadline = Path(out_dir) / "metrics.jsonl", time.time() + timeout
+    while time.time() < deadline:
+        if metrics.exists() and sum('"loss"' in line for line in metrics.read_text().splitlines()) >= n:
+            break
+        time.sleep(0.02)
+    p.send_signal(signal.SIGTERM)
+    _, err = p.communicate(timeout=timeout)
+    return p.returncode, err
+
+
+def save_tiny_llama(out_dir, tok_dir, block_size: int):
+    """A 2-layer, 64-wide llama (GQA 4/2 heads) with the conftest tokenizer's vocabulary and special ids, seeded
+    and initialised, saved with the tokenizer as a model directory; returns the directory."""
+    import torch
+
+    from llmctl import hf
+    from llmctl.model import ModelConfig, Transformer
+    from llmctl.tokenizer import load_tokenizer
+
+    torch.manual_seed(0)
+    tok = load_tokenizer(tok_dir)
+    model = Transformer(ModelConfig(arch="llama", vocab_size=tok.vocab_size, n_layer=2, n_head=4, n_kv_head=2,
+                                    n_embd=64, block_size=block_size, bos_token_id=tok.bos_id,
+                                    eos_token_id=tok.eos_id, pad_token_id=tok.pad_id))  # fmt: skip
+    model.init_weights()
+    return hf.save_model(model, out_dir, tokenizer_dir=tok_dir)

@@ -12,11 +12,11 @@ from pathlib import Path
 
 import pytest
 import torch
+from conftest import save_tiny_llama
 
 from llmctl import hf, preference
 from llmctl.config import RlhfRecipe, load_recipe
 from llmctl.dist import Dist
-from llmctl.model import ModelConfig, Transformer
 from llmctl.tokenizer import load_tokenizer
 
 pytestmark = pytest.mark.usefixtures("one_thread")
@@ -40,14 +40,7 @@ def write_rows(path, rows):
 @pytest.fixture(scope="module")
 def setup(tmp_path_factory, tok_dir):
     d = tmp_path_factory.mktemp("pref")
-    torch.manual_seed(0)
-    tok = load_tokenizer(tok_dir)
-    model = Transformer(ModelConfig(arch="llama", vocab_size=tok.vocab_size, n_layer=2, n_head=4, n_kv_head=2,
-                                    n_embd=64, block_size=64, bos_token_id=tok.bos_id, eos_token_id=tok.eos_id,
-                                    pad_token_id=tok.pad_id))
-    model.init_weights()
-    base = d / "base"
-    hf.save_model(model, base, tokenizer_dir=tok_dir)
+    base = save_tiny_llama(d / "base", tok_dir, block_size=64)
     train = write_rows(d / "train.jsonl", ROWS * 2)
     val = write_rows(d / "val.jsonl", ROWS[:4])
     recipe = d / "r.yaml"

@@ -4,15 +4,14 @@
 import json
 import math
 import os
-import signal
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
+from conftest import sigterm_after_losses
 
 ROOT = Path(__file__).resolve().parents[1]
 RECIPE = ROOT / "recipes/tiny/pretrain.yaml"
@@ -163,16 +162,8 @@ def test_sigterm_saves_at_step_boundary_and_the_same_command_resumes_exactly(dat
     pretrain(data, straight, *steps)
     args = [sys.executable, "-m", "llmctl", "pretrain", RECIPE, f"out_dir={out}", f"tokenizer={data / 'tok'}",
             f"data.train={data / 'shards'}", *TINY, *steps]
-    p = subprocess.Popen(list(map(str, args)), cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-    deadline = time.time() + 120
-    while time.time() < deadline:
-        m = out / "metrics.jsonl"
-        if m.exists() and sum(1 for line in m.read_text().splitlines() if '"loss"' in line) >= 3:
-            break
-        time.sleep(0.05)
-    p.send_signal(signal.SIGTERM)
-    _, err = p.communicate(timeout=120)
-    assert p.returncode == 0, err
+    code, err = sigterm_after_losses(args, out, 3)
+    assert code == 0, err
     assert "SIGTERM" in err
     first = max(losses(out))
     assert first < 150, "the run ended before the signal arrived"

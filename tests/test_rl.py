@@ -4,20 +4,17 @@ advantages, the PPO value head in checkpoints, LoRA's reference, errors for bad 
 
 import json
 import os
-import signal
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import pytest
 import torch
+from conftest import save_tiny_llama, sigterm_after_losses
 
 from llmctl import hf
 from llmctl.config import RlhfRecipe, load_recipe
 from llmctl.errors import UserError
-from llmctl.model import ModelConfig, Transformer
-from llmctl.tokenizer import load_tokenizer
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 ROOT = Path(__file__).resolve().parents[1]
@@ -28,13 +25,7 @@ PROMPTS = [{"prompt": f"What is {a} + {b}?", "answer": str(a + b)} for a, b in
 @pytest.fixture(scope="module")
 def setup(tmp_path_factory, tok_dir):
     d = tmp_path_factory.mktemp("rl")
-    torch.manual_seed(0)
-    tok = load_tokenizer(tok_dir)
-    model = Transformer(ModelConfig(arch="llama", vocab_size=tok.vocab_size, n_layer=2, n_head=4, n_kv_head=2,
-                                    n_embd=64, block_size=96, bos_token_id=tok.bos_id, eos_token_id=tok.eos_id,
-                                    pad_token_id=tok.pad_id))  # fmt: skip
-    model.init_weights()
-    hf.save_model(model, d / "base", tokenizer_dir=tok_dir)
+    save_tiny_llama(d / "base", tok_dir, block_size=96)
     data = d / "prompts.jsonl"
     data.write_text("".join(json.dumps(r) + "\n" for r in PROMPTS))
     (d / "reward_fn.py").write_text(
@@ -98,18 +89,9 @@ def test_sigterm_anywhere_resumes_exactly(setup):
     steps = ["train.max_steps=60", "rl.epochs=3", "rl.minibatches=1"]
     straight, out = d / "sig-straight", d / "sig-run"
     run(recipe, f"out_dir={straight}", *steps)
-    cmd = [sys.executable, "-m", "llmctl", "rlhf", str(recipe), f"out_dir={out}", *steps]
-    p = subprocess.Popen(cmd, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-                         env={**os.environ, "OMP_NUM_THREADS": "1"})  # fmt: skip
-    deadline = time.time() + 120
-    while time.time() < deadline:
-        m = out / "metrics.jsonl"
-        if m.exists() and sum(1 for line in m.read_text().splitlines() if '"loss"' in line) >= 4:
-            break
-        time.sleep(0.02)
-    p.send_signal(signal.SIGTERM)
-    _, err = p.communicate(timeout=120)
-    assert p.returncode == 0 and "SIGTERM" in err, err
+    cmd = [sys.executable, "-m", "llmctl", "rlhf", recipe, f"out_dir={out}", *steps]
+    code, err = sigterm_after_losses(cmd, out, 4, env={**os.environ, "OMP_NUM_THREADS": "1"})
+    assert code == 0 and "SIGTERM" in err, err
     first = max(trace(out))
     assert first < 60, "the run ended before the signal arrived"
     run(recipe, f"out_dir={out}", *steps)
