@@ -45,3 +45,28 @@ def test_decay_groups_and_fused_adamw():
         opt = make_optimizer(m, OptimSection(), torch.device("cpu"))
         assert opt.defaults.get("fused") is True
         assert not math.isnan(opt.param_groups[0]["lr"])
+
+
+@pytest.mark.parametrize("max_norm", [1e-3, 1.0, 1e6, 0.0])
+def test_clip_grad_norm_matches_torch(max_norm):
+    """The training loop's clipping: the same norm and the same gradients as torch's clip_grad_norm_ (which it
+    follows, skipping only the multiply by 1.0 when no clipping is needed); max_norm <= 0: norm only."""
+    from llmctl.dist import Dist
+
+    torch.manual_seed(0)
+    m = Transformer(ModelConfig(arch="llama", vocab_size=64, n_layer=2, n_head=2, n_embd=32, block_size=16))
+    idx = torch.randint(0, 64, (2, 16))
+    m(idx, idx).backward()
+    m.lm_head.weight.grad = None  # a parameter without a gradient is skipped
+    ref = {n: p.grad.clone() for n, p in m.named_parameters() if p.grad is not None}
+    params = {n: torch.nn.Parameter(torch.zeros_like(g)) for n, g in ref.items()}
+    for n, p in params.items():
+        p.grad = ref[n].clone()
+    ref_norm = torch.nn.utils.clip_grad_norm_(list(params.values()), max_norm if max_norm > 0 else float("inf"))
+    norm = Dist().clip_grad_norm(m.parameters(), max_norm)
+    assert torch.equal(norm, ref_norm)
+    clipped = max_norm > 0 and ref_norm > max_norm
+    for n, p in m.named_parameters():
+        if n in ref:
+            assert torch.equal(p.grad, params[n].grad)
+            assert torch.equal(p.grad, ref[n]) != clipped
