@@ -61,7 +61,8 @@ class Dist:
 
         acc = self.accelerator
         plain = acc.distributed_type in (DistributedType.NO, DistributedType.MULTI_CPU, DistributedType.MULTI_GPU)
-        if not plain or acc.scaler is not None:  # sharded gradients, fp16 loss scaling: accelerate's own
+        has_parts = hasattr(torch.nn.utils, "get_total_norm")  # torch >= 2.6
+        if not plain or acc.scaler is not None or not has_parts:  # sharded gradients, fp16 loss scaling, old torch
             return acc.clip_grad_norm_(parameters, max_norm if max_norm > 0 else float("inf"))
         # torch's clip_grad_norm_ (every process holds the whole, all-reduced gradient), except that torch always
         # multiplies by the clamped coefficient: skipping the multiply by 1.0 changes no value and saves a pass over
