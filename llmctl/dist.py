@@ -56,22 +56,7 @@ class Dist:
         return self.accelerator.no_sync(model) if skip and self.world > 1 else contextlib.nullcontext()
 
     def clip_grad_norm(self, parameters, max_norm: float) -> torch.Tensor:
-        """The gradients' total L2 norm, after scaling them down to max_norm if above it (<= 0: no clipping)."""
-        from accelerate.utils import DistributedType
-
-        acc = self.accelerator
-        plain = acc.distributed_type in (DistributedType.NO, DistributedType.MULTI_CPU, DistributedType.MULTI_GPU)
-        has_parts = hasattr(torch.nn.utils, "get_total_norm")  # torch >= 2.6
-        if not plain or acc.scaler is not None or not has_parts:  # sharded gradients, fp16 loss scaling, old torch
-            return acc.clip_grad_norm_(parameters, max_norm if max_norm > 0 else float("inf"))
-        # torch's clip_grad_norm_ (every process holds the whole, all-reduced gradient), except that torch always
-        # multiplies by the clamped coefficient: skipping the multiply by 1.0 changes no value and saves a pass over
-        # all gradients on the steps that need no clipping.
-        params = [p for p in parameters if p.grad is not None]
-        norm = torch.nn.utils.get_total_norm([p.grad for p in params])
-        if max_norm > 0 and bool(max_norm / (norm + 1e-6) < 1):
-            torch.nn.utils.clip_grads_with_norm_(params, max_norm, norm)
-        return norm
+        return self.accelerator.clip_grad_norm_(parameters, max_norm if max_norm > 0 else float("inf"))
 
     def autocast(self):
         return self.accelerator.autocast()

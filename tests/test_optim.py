@@ -49,8 +49,8 @@ def test_decay_groups_and_fused_adamw():
 
 @pytest.mark.parametrize("max_norm", [1e-3, 1.0, 1e6, 0.0])
 def test_clip_grad_norm_matches_torch(max_norm):
-    """The training loop's clipping: the same norm and the same gradients as torch's clip_grad_norm_ (which it
-    follows, skipping only the multiply by 1.0 when no clipping is needed); max_norm <= 0: norm only."""
+    """The training loop's clipping: the same norm and the same gradients as torch's clip_grad_norm_; gradients
+    change only when their norm is above max_norm; max_norm <= 0: norm only."""
     from llmctl.dist import Dist
 
     torch.manual_seed(0)
