@@ -9,6 +9,7 @@ one fused multiply-add. Tests hold its logits to the full forward's (fp32, 1e-4)
 
 from __future__ import annotations
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 
@@ -90,7 +91,78 @@ class FastDecode:
             hd = cfg.head_dim
             self.eye = torch.eye(hd, dtype=dtype, device=self.cos.device)
             self.swap = self.eye[(torch.arange(hd) + half) % hd]
+        self._native_setup()
         self.version = self._version()
+
+    def _native_setup(self) -> None:
+        """Point the native step (llmctl/native.py) at the weights, where it applies: fp32 on CPU, contiguous."""
+        cfg, m = self.cfg, self.model
+        self.native = None
+        w = m.lm_head.weight
+        if w.device.type != "cpu" or w.dtype != torch.float32 or cfg.head_dim > 512 or cfg.n_head % cfg.n_kv_head:
+            return
+        from llmctl import native
+
+        lib = native.load()
+        if lib is None:
+            return
+        llama = cfg.arch == "llama"
+        if llama:
+            emb, glob = m.model.embed_tokens.weight, [self.cos, self.sin, m.model.norm.weight, None]
+            eps = cfg.norm_eps
+        else:
+            ln_f = m.transformer.ln_f
+            emb, glob = m.transformer.wte.weight, [m.transformer.wpe.weight, None, ln_f.weight, ln_f.bias]
+            eps = ln_f.eps
+        lm = self.lm_rows if self.lm_rows is not None else self.lm_head
+        keep = [emb, *glob, lm]
+        for layer in self.layers:
+            if llama:
+                ln1, wqkv, bqkv, wo, bo, ln2, w1, _, w2, _ = layer
+                keep += [ln1, None, wqkv, bqkv, wo, bo, ln2, None, w1, None, w2, None]
+            else:
+                ln1, wqkv, bqkv, wo, bo, ln2, w1, b1, w2, b2 = layer
+                if ln1.eps != eps or ln2.eps != eps:
+                    return
+                keep += [ln1.weight, ln1.bias, wqkv, bqkv, wo, bo, ln2.weight, ln2.bias, w1, b1, w2, b2]
+        if any(t is not None and (t.dtype != torch.float32 or not t.is_contiguous()) for t in keep):
+            return
+        self._keep = keep  # the tensors behind the pointers
+        ptrs = [0 if t is None else t.data_ptr() for t in keep]
+        for i in range(cfg.n_layer):  # after each layer's 12 weights, its k / v cache pointers: filled per call
+            ptrs[6 + 14 * i + 12 : 6 + 14 * i + 12] = [0, 0]
+        inter = self.layers[0][6].size(1) // (2 if llama else 1)
+        self._ptrs = np.array(ptrs, dtype=np.int64)
+        self._cfg = np.array([0 if llama else 1, cfg.n_layer, cfg.n_embd, cfg.n_head, cfg.n_kv_head, cfg.head_dim,
+                              inter, cfg.vocab_size, 0, int(self.lm_rows is not None), 0, 0, 0], dtype=np.int64)  # fmt: skip
+        self._eps, self._scale = float(eps), cfg.head_dim**-0.5
+        self._work, self._cache_ptrs = None, None
+        self.native = lib
+
+    def _native_step(self, token: int, cache) -> torch.Tensor:
+        """One token of a one-row cache through the native step: logits [1, V] fp32; writes the cache at pos."""
+        P, L, c = cache.pos, cache.max_len, self._cfg
+        key = (cache.k[0].data_ptr(), L)
+        if key != self._cache_ptrs:
+            n = self.cfg.n_layer
+            bufs = [t for i in range(n) for t in (cache.k[i], cache.v[i])]
+            if any(t.dtype != torch.float32 or not t.is_contiguous() or t.device.type != "cpu" for t in bufs):
+                return None
+            for i in range(n):
+                self._ptrs[6 + 14 * i + 12] = cache.k[i].data_ptr()
+                self._ptrs[6 + 14 * i + 13] = cache.v[i].data_ptr()
+            c[8] = L
+            self._bufs, self._cache_ptrs = bufs, key
+            need = int(self.native.llmctl_work_floats(c.ctypes.data))
+            if self._work is None or self._work.numel() < need:
+                self._work = torch.empty(need)
+        c[10], c[11], c[12] = token, P, P
+        out = torch.empty(1, self.cfg.vocab_size)
+        if self.native.llmctl_decode(c.ctypes.data, self._ptrs.ctypes.data, self._eps, self._scale, out.data_ptr(),
+                                     self._work.data_ptr()):  # fmt: skip
+            raise ValueError(f"native decode: token {token} or cache slot {P} out of range")
+        cache.pos = P + 1
+        return out
 
     def _fuse(self, *lins):
         """The Linear layers' weights concatenated along `out` and transposed to [in, out]; their bias (or None)."""
@@ -112,6 +184,11 @@ class FastDecode:
         P = cache.pos
         if P + 1 > cache.max_len:
             raise ValueError(f"KV cache full: {P + 1} positions needed, max_len is {cache.max_len}")
+        if (self.native is not None and position is None and mask is None and x.size(0) == 1
+                and P < self.cfg.block_size and cache.k[0].size(0) == 1):  # fmt: skip
+            out = self._native_step(int(x), cache)
+            if out is not None:
+                return out
 
         def kv(i, k, v):  # k, v [B, nkv, hd] -> all keys / values so far [B, nkv, P+1, hd]
             kc, vc = cache.k[i], cache.v[i]

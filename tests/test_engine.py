@@ -9,7 +9,7 @@ from scipy import stats
 from llmctl import hf
 from llmctl.engine import Engine, SamplingParams, sample
 from llmctl.fastdecode import FastDecode
-from llmctl.model import ModelConfig, Transformer
+from llmctl.model import KVCache, ModelConfig, Transformer
 
 V = 512  # the conftest tokenizer's vocabulary
 
@@ -146,6 +146,53 @@ def test_kv_cache_decode_logits_equal_full_forward(kw):
             torch.testing.assert_close(logits, want, atol=1e-4, rtol=0)
             done = [d + n - (n > 1) for d, n in zip(done, runs)]  # the last token of a run rejected: stale slot
     assert engine.fast is not None
+
+
+@pytest.mark.parametrize("kw", [dict(arch="llama", qkv_bias=True, attn_out_bias=True), dict(arch="llama", n_kv_head=4, tie_embeddings=True),
+                                dict(arch="gpt2")])  # fmt: skip
+@pytest.mark.parametrize("share", [False, True])
+def test_native_decode_step_equals_pytorch(kw, share, monkeypatch, tmp_path):
+    """The native one-row step (llmctl/csrc/decode.cpp, built here into a fresh cache) gives the PyTorch step's
+    logits and cache entries, at 1 and 2 threads (work split across threads), on sizes that are no multiple of the
+    vector width; past the model's context it leaves the step to PyTorch."""
+    from llmctl import native
+
+    monkeypatch.setenv("LLMCTL_CACHE", str(tmp_path))
+    monkeypatch.setattr(native, "_tried", False)
+    if native.load() is None:
+        pytest.skip(f"no native decode step here: {native.reason}")
+    assert list((tmp_path / "native").glob("decode-*.so"))
+    m = make_model(vocab_size=509, n_embd=72, n_head=4, block_size=40, **kw)
+    fast = FastDecode(m, share=share)
+    assert fast.native is not None
+    idx = torch.randint(5, 509, (1, 40), generator=torch.Generator().manual_seed(1))
+    full = m(idx)[0]
+    threads = torch.get_num_threads()
+    try:
+        for n in (1, 2):
+            torch.set_num_threads(n)
+            with torch.no_grad():
+                c = m.config  # 4 slots more than the context, as the engine's caches may have
+                caches = [KVCache(c.n_layer, 1, c.n_kv_head, 44, c.head_dim) for _ in range(2)]
+                for c in caches:
+                    m(idx[:, :3], cache=c)
+                for t in range(3, 40):
+                    got = fast(idx[0, t : t + 1], caches[0])
+                    native_step, fast.native = fast.native, None
+                    want = fast(idx[0, t : t + 1], caches[1])
+                    fast.native = native_step
+                    torch.testing.assert_close(got, want, atol=1e-5, rtol=0)
+                    torch.testing.assert_close(got[0], full[t], atol=1e-4, rtol=0)
+                    assert caches[0].pos == caches[1].pos == t + 1
+                for a, b in zip(caches[0].k + caches[0].v, caches[1].k + caches[1].v):
+                    torch.testing.assert_close(a, b, atol=1e-5, rtol=0)
+                # past the context: the PyTorch step decides (here: RoPE / learned positions end, an error)
+                with pytest.raises((IndexError, RuntimeError)):
+                    fast(idx[0, :1], caches[0])
+    finally:
+        torch.set_num_threads(threads)
+    monkeypatch.setenv("LLMCTL_NATIVE", "0")
+    assert native.load() is None and FastDecode(m).native is None
 
 
 def test_compiled_static_decode_step_equals_eager():
