@@ -109,11 +109,11 @@ class FastDecode:
         llama = cfg.arch == "llama"
         if llama:
             emb, glob = m.model.embed_tokens.weight, [self.cos, self.sin, m.model.norm.weight, None]
-            eps = cfg.norm_eps
+            eps, n_pos = cfg.norm_eps, min(self.cos.size(0), self.sin.size(0))
         else:
             ln_f = m.transformer.ln_f
             emb, glob = m.transformer.wte.weight, [m.transformer.wpe.weight, None, ln_f.weight, ln_f.bias]
-            eps = ln_f.eps
+            eps, n_pos = ln_f.eps, m.transformer.wpe.weight.size(0)
         lm = self.lm_rows if self.lm_rows is not None else self.lm_head
         keep = [emb, *glob, lm]
         for layer in self.layers:
@@ -134,35 +134,65 @@ class FastDecode:
         inter = self.layers[0][6].size(1) // (2 if llama else 1)
         self._ptrs = np.array(ptrs, dtype=np.int64)
         self._cfg = np.array([0 if llama else 1, cfg.n_layer, cfg.n_embd, cfg.n_head, cfg.n_kv_head, cfg.head_dim,
-                              inter, cfg.vocab_size, 0, int(self.lm_rows is not None), 0, 0, 0], dtype=np.int64)  # fmt: skip
+                              inter, cfg.vocab_size, 0, int(self.lm_rows is not None), 0, 0, 0, n_pos, 0],
+                             dtype=np.int64)  # fmt: skip
         self._eps, self._scale = float(eps), cfg.head_dim**-0.5
         self._work, self._cache_ptrs = None, None
-        self.native = lib
+        self.native, self._sgemm = lib, native.sgemm()
 
-    def _native_step(self, token: int, cache) -> torch.Tensor:
-        """One token of a one-row cache through the native step: logits [1, V] fp32; writes the cache at pos."""
-        P, L, c = cache.pos, cache.max_len, self._cfg
-        key = (cache.k[0].data_ptr(), L)
+    def _bind(self, cache) -> bool:
+        """Point the native step at this cache's buffers (fp32, contiguous, CPU: else False)."""
+        key = (cache.k[0].data_ptr(), cache.k[0].shape)
         if key != self._cache_ptrs:
             n = self.cfg.n_layer
             bufs = [t for i in range(n) for t in (cache.k[i], cache.v[i])]
             if any(t.dtype != torch.float32 or not t.is_contiguous() or t.device.type != "cpu" for t in bufs):
-                return None
+                return False
             for i in range(n):
                 self._ptrs[6 + 14 * i + 12] = cache.k[i].data_ptr()
                 self._ptrs[6 + 14 * i + 13] = cache.v[i].data_ptr()
-            c[8] = L
+            self._cfg[8], self._cfg[14] = cache.max_len, cache.k[0].size(0)
             self._bufs, self._cache_ptrs = bufs, key
-            need = int(self.native.llmctl_work_floats(c.ctypes.data))
+            need = int(self.native.llmctl_work_floats(self._cfg.ctypes.data))
             if self._work is None or self._work.numel() < need:
                 self._work = torch.empty(need)
+        return True
+
+    def _native_step(self, token: int, cache) -> torch.Tensor | None:
+        """One token of a one-row cache through the native step: logits [1, V] fp32; writes the cache at pos."""
+        P, c = cache.pos, self._cfg
+        if not self._bind(cache):
+            return None
         c[10], c[11], c[12] = token, P, P
         out = torch.empty(1, self.cfg.vocab_size)
         if self.native.llmctl_decode(c.ctypes.data, self._ptrs.ctypes.data, self._eps, self._scale, out.data_ptr(),
                                      self._work.data_ptr()):  # fmt: skip
-            raise ValueError(f"native decode: token {token} or cache slot {P} out of range")
+            return None  # an index out of range, nothing written: PyTorch's step decides
         cache.pos = P + 1
         return out
+
+    def _native_rows(self, x, cache, rows, slots, pos, mask=None, out=None) -> torch.Tensor | None:
+        """Tokens x [M] through the native batched step: x[m] goes to slot slots[m] of cache row rows[m] at position
+        pos[m] and attends to that row's slots <= slots[m] where mask [B, >= slots + 1] (None: all) -> logits
+        [M, V] fp32, or of the tokens x[out] only. None (nothing written) where it does not apply."""
+        if self._sgemm is None or x.device.type != "cpu" or not self._bind(cache):
+            return None
+        if mask is not None and (mask.dtype != torch.bool or mask.stride(-1) != 1):
+            return None
+        c, M = self._cfg, x.size(0)
+        idx = [t.to(torch.long).contiguous() for t in (x, rows, slots, pos)]
+        c[10] = M
+        n_out = M if out is None else out.numel()
+        if out is not None:
+            out = out.to(torch.long).contiguous()
+        work = torch.empty(int(self.native.llmctl_step_floats(c.ctypes.data, M)))
+        logits = torch.empty(n_out, self.cfg.vocab_size)
+        err = self.native.llmctl_step(c.ctypes.data, self._ptrs.ctypes.data, self._eps, self._scale,
+                                      *(t.data_ptr() for t in idx[:3]), idx[2].data_ptr(), idx[3].data_ptr(),
+                                      None if mask is None else mask.data_ptr(), 0 if mask is None else mask.stride(0),
+                                      None if out is None else out.data_ptr(), n_out, logits.data_ptr(),
+                                      work.data_ptr(), self._sgemm)  # fmt: skip
+        return None if err else logits
 
     def _fuse(self, *lins):
         """The Linear layers' weights concatenated along `out` and transposed to [in, out]; their bias (or None)."""
@@ -184,10 +214,16 @@ class FastDecode:
         P = cache.pos
         if P + 1 > cache.max_len:
             raise ValueError(f"KV cache full: {P + 1} positions needed, max_len is {cache.max_len}")
-        if (self.native is not None and position is None and mask is None and x.size(0) == 1
-                and P < self.cfg.block_size and cache.k[0].size(0) == 1):  # fmt: skip
-            out = self._native_step(int(x), cache)
+        if self.native is not None:
+            B = x.size(0)
+            if B == 1 and position is None and mask is None and cache.k[0].size(0) == 1:
+                out = self._native_step(int(x), cache)
+            else:
+                slots = torch.full((B,), P, dtype=torch.long)
+                out = self._native_rows(x, cache, torch.arange(B), slots, slots if position is None else position,
+                                        mask)  # fmt: skip
             if out is not None:
+                cache.pos = P + 1
                 return out
 
         def kv(i, k, v):  # k, v [B, nkv, hd] -> all keys / values so far [B, nkv, P+1, hd]
@@ -207,6 +243,12 @@ class FastDecode:
         P, T = cache.pos, x.size(0)
         if P + T > cache.max_len or cache.k[0].size(0) != 1:
             raise ValueError(f"verify needs a one-row cache with room for {P + T} positions")
+        if self.native is not None:
+            slots = torch.arange(P, P + T)
+            out = self._native_rows(x, cache, torch.zeros(T, dtype=torch.long), slots, slots)
+            if out is not None:
+                cache.pos = P + T
+                return out
 
         def kv(i, k, v):  # k, v [T, nkv, hd] -> the row's keys / values so far, once per position [T, nkv, P+T, hd]
             kc, vc = cache.k[i], cache.v[i]
@@ -233,6 +275,10 @@ class FastDecode:
         S = int(slots.max()) + 1
         if S > cache.max_len:
             raise ValueError(f"KV cache full: {S} positions needed, max_len is {cache.max_len}")
+        if self.native is not None:
+            logits = self._native_rows(x, cache, rows, slots, position[rows] + j, key_mask, out)
+            if logits is not None:
+                return logits
         am = (torch.arange(S, device=dev) <= (start[:, None] + torch.arange(T, device=dev))[:, :, None])
         am = (am & key_mask[:, None, :S])[:, None]  # [B, 1, T, S]
         pad = None if M == B * T else rows * T + j  # where each token sits in the padded [B * T] layout

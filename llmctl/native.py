@@ -71,7 +71,28 @@ def _build() -> ctypes.CDLL:
     lib.llmctl_decode.restype = ctypes.c_int
     lib.llmctl_work_floats.argtypes = [ctypes.c_void_p]
     lib.llmctl_work_floats.restype = ctypes.c_int64
+    lib.llmctl_step.argtypes = [ctypes.c_void_p, ctypes.c_void_p, ctypes.c_float, ctypes.c_float] + [ctypes.c_void_p] * 6 + [
+        ctypes.c_int64, ctypes.c_void_p, ctypes.c_int64, ctypes.c_void_p, ctypes.c_void_p, ctypes.c_void_p]
+    lib.llmctl_step.restype = ctypes.c_int
+    lib.llmctl_step_floats.argtypes = [ctypes.c_void_p, ctypes.c_int64]
+    lib.llmctl_step_floats.restype = ctypes.c_int64
     return lib
+
+
+def sgemm() -> int | None:
+    """The address of the Fortran `sgemm` that PyTorch's CPU library exports (its MKL or OpenBLAS), for the
+    native batched step's matmuls; None when it exports none (that step then stays with PyTorch)."""
+    path = Path(torch.__file__).with_name("lib") / "libtorch_cpu.so"
+    try:
+        lib = ctypes.CDLL(str(path))
+    except OSError:
+        return None
+    for name in ("sgemm_", "SGEMM"):
+        try:
+            return ctypes.cast(getattr(lib, name), ctypes.c_void_p).value
+        except AttributeError:
+            continue
+    return None
 
 
 def load() -> ctypes.CDLL | None:

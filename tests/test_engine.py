@@ -92,15 +92,21 @@ def test_beam_search_equals_transformers(pair, length_penalty):
 
 @pytest.mark.parametrize("kw", [dict(arch="llama"), dict(arch="gpt2"), dict(arch="llama", qkv_bias=True),
                                 dict(arch="llama", qkv_bias=True, attn_out_bias=True, n_kv_head=4)])  # fmt: skip
-def test_kv_cache_decode_logits_equal_full_forward(kw):
+@pytest.mark.parametrize("native", [True, False])
+def test_kv_cache_decode_logits_equal_full_forward(kw, native):
     """Prefill + one-token decode steps (FastDecode and the model's forward), with left padding, give the
-    logits of the full forward of each unpadded sequence (fp32, 1e-4)."""
+    logits of the full forward of each unpadded sequence (fp32, 1e-4); FastDecode's steps with and without the
+    native step (llmctl/csrc/decode.cpp: batched rows, verify passes)."""
     m = make_model(**kw)
     a, b = prompts_of([14, 5], seed=3)
     cont = prompts_of([6, 6], seed=4)
     full = [m(torch.tensor([x + c]))[0] for x, c in zip((a, b), cont)]  # [T, V] each
     engine = Engine(m)
     fast = FastDecode(m)
+    if native and (fast.native is None or fast._sgemm is None):
+        pytest.skip("no native decode step here")
+    if not native:
+        fast.native = None
     with torch.no_grad():
         for step_fn in ("fast", "model"):
             L = 14
@@ -152,9 +158,10 @@ def test_kv_cache_decode_logits_equal_full_forward(kw):
                                 dict(arch="gpt2")])  # fmt: skip
 @pytest.mark.parametrize("share", [False, True])
 def test_native_decode_step_equals_pytorch(kw, share, monkeypatch, tmp_path):
-    """The native one-row step (llmctl/csrc/decode.cpp, built here into a fresh cache) gives the PyTorch step's
-    logits and cache entries, at 1 and 2 threads (work split across threads), on sizes that are no multiple of the
-    vector width; past the model's context it leaves the step to PyTorch."""
+    """The native steps (llmctl/csrc/decode.cpp, built here into a fresh cache) -- one row, and rows of a left-padded
+    batch (matmuls through PyTorch's BLAS) -- give the PyTorch step's logits and cache entries, at 1 and 2 threads
+    (work split across threads), on sizes that are no multiple of the vector width; past the model's context the
+    one-row step leaves the token to PyTorch."""
     from llmctl import native
 
     monkeypatch.setenv("LLMCTL_CACHE", str(tmp_path))
@@ -164,16 +171,15 @@ def test_native_decode_step_equals_pytorch(kw, share, monkeypatch, tmp_path):
     assert list((tmp_path / "native").glob("decode-*.so"))
     m = make_model(vocab_size=509, n_embd=72, n_head=4, block_size=40, **kw)
     fast = FastDecode(m, share=share)
-    assert fast.native is not None
+    assert fast.native is not None and fast._sgemm is not None
     idx = torch.randint(5, 509, (1, 40), generator=torch.Generator().manual_seed(1))
-    full = m(idx)[0]
+    full, cfg = m(idx)[0], m.config
     threads = torch.get_num_threads()
     try:
         for n in (1, 2):
             torch.set_num_threads(n)
             with torch.no_grad():
-                c = m.config  # 4 slots more than the context, as the engine's caches may have
-                caches = [KVCache(c.n_layer, 1, c.n_kv_head, 44, c.head_dim) for _ in range(2)]
+                caches = [KVCache(cfg.n_layer, 1, cfg.n_kv_head, 44, cfg.head_dim) for _ in range(2)]  # 4 spare slots
                 for c in caches:
                     m(idx[:, :3], cache=c)
                 for t in range(3, 40):
@@ -189,6 +195,23 @@ def test_native_decode_step_equals_pytorch(kw, share, monkeypatch, tmp_path):
                 # past the context: the PyTorch step decides (here: RoPE / learned positions end, an error)
                 with pytest.raises((IndexError, RuntimeError)):
                     fast(idx[0, :1], caches[0])
+                # the batched step: 3 rows, left-padded (mask, positions)
+                lens = torch.tensor([9, 4, 6])
+                mask = torch.arange(9 + 8)[None] >= (9 - lens)[:, None]
+                caches = [KVCache(cfg.n_layer, 3, cfg.n_kv_head, 17, cfg.head_dim) for _ in range(2)]
+                pre = torch.stack([idx[0, :9], idx[0, 5:14], idx[0, 10:19]])
+                pos = (torch.arange(9)[None] - (9 - lens)[:, None]).clamp(min=0)
+                for c3 in caches:
+                    m(pre, position_ids=pos, attn_mask=mask[:, :9], cache=c3)
+                for t in range(8):
+                    x = idx[0, 9 + t : 10 + t].expand(3)
+                    got = fast(x, caches[0], lens + t, mask[:, : 10 + t])
+                    native_step, fast.native = fast.native, None
+                    want = fast(x, caches[1], lens + t, mask[:, : 10 + t])
+                    fast.native = native_step
+                    torch.testing.assert_close(got, want, atol=1e-5, rtol=0)
+                for a, b in zip(caches[0].k + caches[0].v, caches[1].k + caches[1].v):
+                    torch.testing.assert_close(a, b, atol=1e-5, rtol=0)
     finally:
         torch.set_num_threads(threads)
     monkeypatch.setenv("LLMCTL_NATIVE", "0")

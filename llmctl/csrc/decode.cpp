@@ -112,32 +112,143 @@ void norm(const float* __restrict x, const float* w, const float* b, float* __re
   for (int64_t i = 0; i < C; i++) out[i] = (x[i] - m) * r * w[i] + (b ? b[i] : 0.0f);
 }
 
+// e^x, Cephes' single-precision polynomial (~1 ulp), written so that loops over it vectorise; 0 below -87.
+inline float vexp(float x) {
+  const float xc = x < -87.0f ? -87.0f : (x > 88.0f ? 88.0f : x);
+  const float n = (xc * 1.44269504088896341f + 12582912.0f) - 12582912.0f;  // round to nearest
+  const float r = xc - n * 0.693359375f + n * 2.12194440e-4f;
+  float p = 1.9875691500e-4f;
+  p = p * r + 1.3981999507e-3f;
+  p = p * r + 8.3334519073e-3f;
+  p = p * r + 4.1665795894e-2f;
+  p = p * r + 1.6666665459e-1f;
+  p = p * r + 5.0000001201e-1f;
+  p = p * r * r + r + 1.0f;
+  union {
+    int32_t i;
+    float f;
+  } two_n;
+  two_n.i = ((int32_t)n + 127) << 23;
+  return x < -87.0f ? 0.0f : p * two_n.f;
+}
+
+// RoPE on one head, in place: x * cos + rotate_half(x) * sin, with sin already signed (FastDecode's tables).
+inline void rope(float* __restrict x, const float* c, const float* s, int64_t hd) {
+  float tmp[512];
+  const int64_t half = hd / 2;
+  for (int64_t d = 0; d < hd; d++) tmp[d] = x[d] * c[d] + x[(d + half) % hd] * s[d];
+  std::memcpy(x, tmp, hd * sizeof(float));
+}
+
+// One query head over cache slots 0..S-1 (K, Vc [slots, hd]) where mask (null: all): y [hd]; sc: scratch [S].
+inline void attend(const float* __restrict q, const float* __restrict K, const float* __restrict Vc, int64_t S,
+                   const bool* mask, float scale, float* __restrict sc, float* __restrict y, int64_t hd) {
+  float mx = -INFINITY;
+  for (int64_t p = 0; p < S; p++) {
+    const float* k = K + p * hd;
+    float d = 0;
+#pragma omp simd reduction(+ : d)
+    for (int64_t e = 0; e < hd; e++) d += q[e] * k[e];
+    sc[p] = mask && !mask[p] ? -INFINITY : d * scale;
+    mx = sc[p] > mx ? sc[p] : mx;
+  }
+  float sum = 0;
+#pragma omp simd reduction(+ : sum)
+  for (int64_t p = 0; p < S; p++) {
+    sc[p] = vexp(sc[p] - mx);
+    sum += sc[p];
+  }
+  const float inv = 1.0f / sum;
+  std::memset(y, 0, hd * sizeof(float));
+  for (int64_t p = 0; p < S; p++) {
+    if (sc[p] == 0.0f) continue;  // masked out
+    const float a = sc[p] * inv, *v = Vc + p * hd;
+#pragma omp simd
+    for (int64_t e = 0; e < hd; e++) y[e] += a * v[e];
+  }
+}
+
+// The MLP's activation over columns [j0, j1): gelu (tanh) of mlp in place, or silu(gate) * up into mlp[:inter].
+inline void activate(float* __restrict mlp, int64_t inter, int64_t j0, int64_t j1, bool gpt2) {
+  if (gpt2) {
+#pragma omp simd
+    for (int64_t j = j0; j < j1; j++) {
+      const float x = mlp[j], u = 0.7978845608028654f * (x + 0.044715f * x * x * x);
+      mlp[j] = x - x / (1.0f + vexp(2.0f * u));  // 0.5 x (1 + tanh u)
+    }
+  } else {
+#pragma omp simd
+    for (int64_t j = j0; j < j1; j++) mlp[j] = mlp[j] / (1.0f + vexp(-mlp[j])) * mlp[inter + j];
+  }
+}
+
+struct Model {  // cfg and ptrs, read (see the top of this file)
+  bool gpt2;
+  int64_t n_layer, C, nh, nkv, hd, inter, V, L, lm_rows, n_pos;
+  const int64_t* ptrs;
+  float* p(int64_t i) const { return reinterpret_cast<float*>(ptrs[i]); }
+  Layer layer(int64_t l) const {
+    auto w = [&](int64_t k) { return p(6 + 14 * l + k); };
+    return Layer{w(0), w(1), w(2), w(3), w(4), w(5), w(6), w(7), w(8), w(9), w(10), w(11), w(12), w(13)};
+  }
+  int64_t nq() const { return (nh + 2 * nkv) * hd; }
+  int64_t m1() const { return gpt2 ? inter : 2 * inter; }  // width of the first MLP matmul
+};
+
+Model read(const int64_t* cfg, const int64_t* ptrs) {
+  return Model{cfg[0] == 1, cfg[1], cfg[2], cfg[3], cfg[4], cfg[5], cfg[6], cfg[7], cfg[8], cfg[9], cfg[13], ptrs};
+}
+
+// Fortran BLAS sgemm (column-major), as PyTorch's own BLAS exports it; llmctl/native.py finds it.
+typedef void (*sgemm_t)(const char*, const char*, const int*, const int*, const int*, const float*, const float*,
+                        const int*, const float*, const int*, const float*, float*, const int*);
+
+// y [M, out] (+)= x [M, in] @ W + b, W [in, out] row-major (rows: W [out, in], y = x @ W^T), through sgemm.
+void mm(sgemm_t f, int64_t M, const float* x, const float* W, const float* b, float* y, int64_t in, int64_t out,
+        bool acc, bool rows = false) {
+  if (b && !acc) {
+#pragma omp parallel for schedule(static)
+    for (int64_t m = 0; m < M; m++) std::memcpy(y + m * out, b, out * sizeof(float));
+  }
+  const int m_ = (int)out, n_ = (int)M, k_ = (int)in, lda = rows ? (int)in : (int)out;
+  const float one = 1.0f, beta = (acc || b) ? 1.0f : 0.0f;
+  f(rows ? "T" : "N", "N", &m_, &n_, &k_, &one, W, &lda, x, &k_, &beta, y, &m_);
+  if (b && acc) {
+#pragma omp parallel for schedule(static)
+    for (int64_t m = 0; m < M; m++)
+      for (int64_t j = 0; j < out; j++) y[m * out + j] += b[j];
+  }
+}
+
 }  // namespace
 
 extern "C" {
 
-int64_t llmctl_work_floats(const int64_t* cfg) {  // scratch the step needs, in floats
+int64_t llmctl_work_floats(const int64_t* cfg) {  // scratch llmctl_decode needs, in floats
   const int64_t C = cfg[2], nh = cfg[3], nkv = cfg[4], hd = cfg[5], inter = cfg[6], L = cfg[8];
   return 2 * C + (nh + 2 * nkv) * hd + nh * hd + 2 * inter + nh * L + 64;
 }
 
+int64_t llmctl_step_floats(const int64_t* cfg, int64_t M) {  // scratch llmctl_step needs for M tokens, in floats
+  const int64_t C = cfg[2], nh = cfg[3], nkv = cfg[4], hd = cfg[5], inter = cfg[6];
+  return M * (2 * C + (nh + 2 * nkv) * hd + nh * hd + 2 * inter) + 64;
+}
+
+// One token of one cache row (cfg[10..12]: token, slot, position), in one parallel region. logits [V].
 int llmctl_decode(const int64_t* cfg, const int64_t* ptrs, float eps, float scale, float* logits, float* work) {
-  const bool gpt2 = cfg[0] == 1;
-  const int64_t n_layer = cfg[1], C = cfg[2], nh = cfg[3], nkv = cfg[4], hd = cfg[5], inter = cfg[6], V = cfg[7],
-                L = cfg[8], lm_rows = cfg[9], token = cfg[10], slot = cfg[11], pos = cfg[12];
-  if (token < 0 || token >= V || slot < 0 || slot >= L) return 1;
-  auto P = [&](int64_t i) { return reinterpret_cast<float*>(ptrs[i]); };
-  const float *emb = P(0), *pe = P(1), *sin = P(2), *nw = P(3), *nb = P(4), *lm = P(5);
-  const int64_t nq = (nh + 2 * nkv) * hd, group = nh / nkv, half = hd / 2, S = slot + 1;
+  const Model md = read(cfg, ptrs);
+  const bool gpt2 = md.gpt2;
+  const int64_t C = md.C, nh = md.nh, nkv = md.nkv, hd = md.hd, inter = md.inter, L = md.L, nq = md.nq();
+  const int64_t token = cfg[10], slot = cfg[11], pos = cfg[12], S = slot + 1;
+  if (token < 0 || token >= md.V || slot < 0 || slot >= L || pos < 0 || pos >= md.n_pos) return 1;
+  const float *emb = md.p(0), *pe = md.p(1), *sin = md.p(2);
   float *h = work, *xn = h + C, *qkv = xn + C, *att = qkv + nq, *mlp = att + nh * hd, *sc = mlp + 2 * inter;
-  const int64_t m1 = gpt2 ? inter : 2 * inter;  // width of the first MLP matmul
 
   for (int64_t i = 0; i < C; i++) h[i] = emb[token * C + i] + (gpt2 ? pe[pos * C + i] : 0.0f);
 #pragma omp parallel
   {
-    for (int64_t l = 0; l < n_layer; l++) {
-      auto W = [&](int64_t k) { return P(6 + 14 * l + k); };
-      const Layer w{W(0), W(1), W(2), W(3), W(4), W(5), W(6), W(7), W(8), W(9), W(10), W(11), W(12), W(13)};
+    for (int64_t l = 0; l < md.n_layer; l++) {
+      const Layer w = md.layer(l);
 #pragma omp single
       norm(h, w.ln1w, w.ln1b, xn, C, gpt2, eps);
       gemv_io(xn, w.wqkv, w.bqkv, qkv, C, nq, false);
@@ -145,12 +256,7 @@ int llmctl_decode(const int64_t* cfg, const int64_t* ptrs, float eps, float scal
 #pragma omp for schedule(static)
       for (int64_t j = 0; j < nh + nkv; j++) {  // RoPE on q and k heads; k and v into the cache
         float* x = qkv + j * hd;
-        if (!gpt2) {
-          float tmp[512];
-          const float *c = pe + pos * hd, *s = sin + pos * hd;
-          for (int64_t d = 0; d < hd; d++) tmp[d] = x[d] * c[d] + x[(d + half) % hd] * s[d];
-          std::memcpy(x, tmp, hd * sizeof(float));
-        }
+        if (!gpt2) rope(x, pe + pos * hd, sin + pos * hd, hd);
         if (j >= nh) {
           const int64_t g = j - nh;
           std::memcpy(w.kc + (g * L + slot) * hd, x, hd * sizeof(float));
@@ -158,61 +264,101 @@ int llmctl_decode(const int64_t* cfg, const int64_t* ptrs, float eps, float scal
         }
       }
 #pragma omp for schedule(static)
-      for (int64_t j = 0; j < nh; j++) {  // attention of head j over slots 0..slot
-        const float* q = qkv + j * hd;
-        const float *K = w.kc + (j / group) * L * hd, *Vc = w.vc + (j / group) * L * hd;
-        float* s = sc + j * L;
-        float mx = -INFINITY;
-        for (int64_t p = 0; p < S; p++) {
-          const float* k = K + p * hd;
-          float d = 0;
-#pragma omp simd reduction(+ : d)
-          for (int64_t e = 0; e < hd; e++) d += q[e] * k[e];
-          s[p] = d * scale;
-          mx = s[p] > mx ? s[p] : mx;
-        }
-        float sum = 0;
-        for (int64_t p = 0; p < S; p++) sum += (s[p] = std::exp(s[p] - mx));
-        float* y = att + j * hd;
-        std::memset(y, 0, hd * sizeof(float));
-        for (int64_t p = 0; p < S; p++) {
-          const float a = s[p] / sum, *v = Vc + p * hd;
-#pragma omp simd
-          for (int64_t e = 0; e < hd; e++) y[e] += a * v[e];
-        }
+      for (int64_t j = 0; j < nh; j++) {
+        const int64_t g = j / (nh / nkv);
+        attend(qkv + j * hd, w.kc + g * L * hd, w.vc + g * L * hd, S, nullptr, scale, sc + j * L, att + j * hd, hd);
       }
       gemv_io(att, w.wo, w.bo, h, nh * hd, C, true);  // residual add fused
 #pragma omp barrier
 #pragma omp single
       norm(h, w.ln2w, w.ln2b, xn, C, gpt2, eps);
-      gemv_io(xn, w.w1, w.b1, mlp, C, m1, false);
+      gemv_io(xn, w.w1, w.b1, mlp, C, md.m1(), false);
 #pragma omp barrier
       {
         int64_t j0, j1;
         span(inter, 16, &j0, &j1);
-        if (gpt2) {  // gelu, tanh approximation
-          for (int64_t j = j0; j < j1; j++) {
-            const float x = mlp[j];
-            mlp[j] = 0.5f * x * (1.0f + std::tanh(0.7978845608028654f * (x + 0.044715f * x * x * x)));
-          }
-        } else {  // silu(gate) * up
-          for (int64_t j = j0; j < j1; j++) {
-            const float g = mlp[j];
-            mlp[j] = g / (1.0f + std::exp(-g)) * mlp[inter + j];
-          }
-        }
+        activate(mlp, inter, j0, j1, gpt2);
       }
 #pragma omp barrier
       gemv_io(mlp, w.w2, w.b2, h, inter, C, true);
 #pragma omp barrier
     }
 #pragma omp single
-    norm(h, nw, nb, xn, C, gpt2, eps);
-    if (lm_rows)
-      gemv_oi(xn, lm, logits, C, V);
+    norm(h, md.p(3), md.p(4), xn, C, gpt2, eps);
+    if (md.lm_rows)
+      gemv_oi(xn, md.p(5), logits, C, md.V);
     else
-      gemv_io(xn, lm, nullptr, logits, C, V, false);
+      gemv_io(xn, md.p(5), nullptr, logits, C, md.V, false);
   }
+  return 0;
+}
+
+// M tokens at once (cfg[10] = M): token m goes to slot slots[m] of cache row rows[m] at position pos[m] and
+// attends to that row's slots s <= limit[m] where mask[rows[m] * mstride + s] (mask null: all). The matmuls go
+// through sgemm, the rest through OpenMP loops. logits [n_out, V] of the tokens out_idx (null: all M, in order).
+// Nothing is written when an index is out of range (returns 1).
+int llmctl_step(const int64_t* cfg, const int64_t* ptrs, float eps, float scale, const int64_t* tok,
+                const int64_t* rows, const int64_t* slots, const int64_t* limit, const int64_t* pos, const bool* mask,
+                int64_t mstride, const int64_t* out_idx, int64_t n_out, float* logits, float* work, void* sgemm) {
+  const Model md = read(cfg, ptrs);
+  const bool gpt2 = md.gpt2;
+  const int64_t M = cfg[10], B = cfg[14], C = md.C, nh = md.nh, nkv = md.nkv, hd = md.hd, inter = md.inter,
+                L = md.L, nq = md.nq(), m1 = md.m1();
+  const sgemm_t f = reinterpret_cast<sgemm_t>(sgemm);
+  for (int64_t m = 0; m < M; m++)
+    if (tok[m] < 0 || tok[m] >= md.V || rows[m] < 0 || rows[m] >= B || slots[m] < 0 || slots[m] >= L ||
+        limit[m] < 0 || limit[m] >= L || pos[m] < 0 || pos[m] >= md.n_pos)
+      return 1;
+  for (int64_t i = 0; out_idx && i < n_out; i++)
+    if (out_idx[i] < 0 || out_idx[i] >= M) return 1;
+  float *h = work, *xn = h + M * C, *qkv = xn + M * C, *att = qkv + M * nq, *mlp = att + M * nh * hd;
+  const float *emb = md.p(0), *pe = md.p(1), *sin = md.p(2);
+
+#pragma omp parallel for schedule(static)
+  for (int64_t m = 0; m < M; m++)
+    for (int64_t i = 0; i < C; i++) h[m * C + i] = emb[tok[m] * C + i] + (gpt2 ? pe[pos[m] * C + i] : 0.0f);
+  for (int64_t l = 0; l < md.n_layer; l++) {
+    const Layer w = md.layer(l);
+#pragma omp parallel for schedule(static)
+    for (int64_t m = 0; m < M; m++) norm(h + m * C, w.ln1w, w.ln1b, xn + m * C, C, gpt2, eps);
+    mm(f, M, xn, w.wqkv, w.bqkv, qkv, C, nq, false);
+#pragma omp parallel
+    {
+#pragma omp for schedule(static)
+      for (int64_t i = 0; i < M * (nh + nkv); i++) {  // RoPE on q and k heads; k and v into the cache
+        const int64_t m = i / (nh + nkv), j = i % (nh + nkv);
+        float* x = qkv + m * nq + j * hd;
+        if (!gpt2) rope(x, pe + pos[m] * hd, sin + pos[m] * hd, hd);
+        if (j >= nh) {
+          const int64_t g = j - nh, at = ((rows[m] * nkv + g) * L + slots[m]) * hd;
+          std::memcpy(w.kc + at, x, hd * sizeof(float));
+          std::memcpy(w.vc + at, qkv + m * nq + (nh + nkv + g) * hd, hd * sizeof(float));
+        }
+      }
+      float* sc = new float[L];
+#pragma omp for schedule(static)
+      for (int64_t i = 0; i < M * nh; i++) {
+        const int64_t m = i / nh, j = i % nh, r = rows[m], g = j / (nh / nkv);
+        attend(qkv + m * nq + j * hd, w.kc + (r * nkv + g) * L * hd, w.vc + (r * nkv + g) * L * hd, limit[m] + 1,
+               mask ? mask + r * mstride : nullptr, scale, sc, att + (m * nh + j) * hd, hd);
+      }
+      delete[] sc;
+    }
+    mm(f, M, att, w.wo, w.bo, h, nh * hd, C, true);  // residual add fused
+#pragma omp parallel for schedule(static)
+    for (int64_t m = 0; m < M; m++) norm(h + m * C, w.ln2w, w.ln2b, xn + m * C, C, gpt2, eps);
+    mm(f, M, xn, w.w1, w.b1, mlp, C, m1, false);
+#pragma omp parallel for schedule(static)
+    for (int64_t m = 0; m < M; m++) activate(mlp + m * m1, inter, 0, inter, gpt2);
+    if (!gpt2) {  // silu(gate) * up sits in each row's first half: pack the rows for the down projection
+      for (int64_t m = 1; m < M; m++) std::memmove(mlp + m * inter, mlp + m * m1, inter * sizeof(float));
+    }
+    mm(f, M, mlp, w.w2, w.b2, h, inter, C, true);
+  }
+  const int64_t n = out_idx ? n_out : M;
+#pragma omp parallel for schedule(static)
+  for (int64_t i = 0; i < n; i++) norm(h + (out_idx ? out_idx[i] : i) * C, md.p(3), md.p(4), xn + i * C, C, gpt2, eps);
+  mm(f, n, xn, md.p(5), nullptr, logits, C, md.V, false, md.lm_rows != 0);
   return 0;
 }
 
