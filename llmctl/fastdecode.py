@@ -142,17 +142,18 @@ class FastDecode:
 
     def _bind(self, cache) -> bool:
         """Point the native step at this cache's buffers (fp32, contiguous, CPU: else False)."""
-        key = (cache.k[0].data_ptr(), cache.k[0].shape)
+        bufs = [t for kv in zip(cache.k, cache.v) for t in kv]
+        key = (*(t.data_ptr() for t in bufs), *cache.k[0].shape)  # every buffer: a new cache may reuse some addresses
         if key != self._cache_ptrs:
-            n = self.cfg.n_layer
-            bufs = [t for i in range(n) for t in (cache.k[i], cache.v[i])]
-            if any(t.dtype != torch.float32 or not t.is_contiguous() or t.device.type != "cpu" for t in bufs):
+            c, shape = self.cfg, cache.k[0].shape
+            if len(bufs) != 2 * c.n_layer or shape[1] != c.n_kv_head or shape[3] != c.head_dim:
                 return False
-            for i in range(n):
-                self._ptrs[6 + 14 * i + 12] = cache.k[i].data_ptr()
-                self._ptrs[6 + 14 * i + 13] = cache.v[i].data_ptr()
+            if any(t.dtype != torch.float32 or not t.is_contiguous() or t.device.type != "cpu" or t.shape != shape
+                   for t in bufs):  # fmt: skip
+                return False
+            self._ptrs[[6 + 14 * i + 12 + j for i in range(self.cfg.n_layer) for j in (0, 1)]] = key[: len(bufs)]
             self._cfg[8], self._cfg[14] = cache.max_len, cache.k[0].size(0)
-            self._bufs, self._cache_ptrs = bufs, key
+            self._cache_ptrs = key
             need = int(self.native.llmctl_work_floats(self._cfg.ctypes.data))
             if self._work is None or self._work.numel() < need:
                 self._work = torch.empty(need)
