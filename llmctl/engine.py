@@ -5,15 +5,16 @@
     for delta in (s := engine.stream(ids, params)): print(delta, end="")     # s.result once exhausted
 
 Prompts are lists of token ids (the caller adds BOS / applies a chat template). A batch is left-padded and
-prefilled in one forward pass (padding mask + position ids), then decoded one token per step into a
-preallocated KV cache by FastDecode (llmctl/fastdecode.py: the same logits with fewer, larger ops; the model's
-own forward for wrapped layers such as LoRA; a single fp32 row on CPU takes the native step of llmctl/native.py,
-C++ built on first use, one call a token); every row stops on its own (EOS or stop token, stop string,
-max_new_tokens) and the rows that finished early are dropped from the batch once they are half of it. The host
-reads the new tokens every step on CPU (free there), every `sync_every` steps on a GPU unless a row needs them
-(stop strings, streaming). `compile=True` runs a static-shape variant of the step through torch.compile (CUDA
-graphs on a GPU; on CPU a single row keeps the native step, faster, and a sampled batch of 32 measured 10-25%
-slower compiled, its static step attending over the whole cache). Prompt-lookup speculation (`prompt_lookup`,
+prefilled in one forward pass (padding mask + position ids), then decoded one token per step into a preallocated KV
+cache by FastDecode (llmctl/fastdecode.py: the same logits with fewer, larger ops; the model's own forward for
+wrapped layers such as LoRA; fp32 on CPU, its native C++ step, llmctl/native.py, built on first use: one call a
+token for a single row, the matmuls through PyTorch's BLAS for a batch); every row stops on its own (EOS or stop
+token, stop string, max_new_tokens) and the rows that finished early are dropped from the batch once they are half
+of it. The host reads the new tokens every step on CPU (free there), every `sync_every` steps on a GPU unless a row
+needs them (stop strings, streaming). `compile=True` runs a static-shape variant of the step through torch.compile
+(CUDA graphs on a GPU; where the native step runs, fp32 on CPU, that one instead: the compiled step measured 0.75-0.9x
+of the PyTorch step for a sampled batch of 32, attending over the whole cache, and ~1.2x at batch 1, where the native
+step is ~1.8x on a 6M llama). Prompt-lookup speculation (`prompt_lookup`,
 llmctl/speculative.py) replaces the one-token steps for a one-prompt batch and for a greedy batch (rows then
 advance on their own, and the greedy batch prefills without padding): the same tokens, fewer forward passes.
 
@@ -178,8 +179,8 @@ class _Batch:
         self.idx, self.mask = idx.to(dev), self.mask.to(dev)
         self.lens = torch.tensor(lens, device=dev)  # position of each row's next token
         self.L = L
-        fast = engine._fast()  # a single row on CPU: the native step beats the compiled one (llmctl/native.py)
-        self.static = engine.compiled is not None and fast is not None and not (B == 1 and fast.native is not None)
+        fast = engine._fast()  # fp32 on CPU the native step (llmctl/native.py) beats the compiled one: it runs instead
+        self.static = engine.compiled is not None and fast is not None and fast.native is None
         if self.static:  # few distinct shapes for torch.compile: the cache length in steps of 64
             self.cache = m.new_cache(B, min(engine.block_size, -(-(L + self.N) // 64) * 64))
             self.smask = torch.zeros(B, self.cache.max_len, dtype=torch.bool, device=dev)

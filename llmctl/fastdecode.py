@@ -5,6 +5,11 @@ on a CPU spends as much time dispatching ops as multiplying. FastDecode computes
 larger ops: q/k/v and gate/up projections fused into one matmul each, weights stored [in, out] (faster
 matrix-vector and small-batch products on CPU), the residual adds fused into the output projections, RoPE as
 one fused multiply-add. Tests hold its logits to the full forward's (fp32, 1e-4).
+
+fp32 on CPU, the same step runs natively (llmctl/csrc/decode.cpp through llmctl/native.py, on these same fused
+weights and the same KV cache): a one-row token in one call, and for rows of a batch and verify passes everything
+but the matmuls, which go to the sgemm of PyTorch's own BLAS. Where it does not apply (another device or dtype, no
+compiler, an index out of range) the PyTorch step runs; tests hold the two to each other.
 """
 
 from __future__ import annotations

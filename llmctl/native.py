@@ -71,8 +71,8 @@ def _build() -> ctypes.CDLL:
     lib.llmctl_decode.restype = ctypes.c_int
     lib.llmctl_work_floats.argtypes = [ctypes.c_void_p]
     lib.llmctl_work_floats.restype = ctypes.c_int64
-    lib.llmctl_step.argtypes = [ctypes.c_void_p, ctypes.c_void_p, ctypes.c_float, ctypes.c_float] + [ctypes.c_void_p] * 6 + [
-        ctypes.c_int64, ctypes.c_void_p, ctypes.c_int64, ctypes.c_void_p, ctypes.c_void_p, ctypes.c_void_p]
+    ptr, i64, f32 = ctypes.c_void_p, ctypes.c_int64, ctypes.c_float
+    lib.llmctl_step.argtypes = [ptr, ptr, f32, f32, *[ptr] * 6, i64, ptr, i64, ptr, ptr, ptr]
     lib.llmctl_step.restype = ctypes.c_int
     lib.llmctl_step_floats.argtypes = [ctypes.c_void_p, ctypes.c_int64]
     lib.llmctl_step_floats.restype = ctypes.c_int64

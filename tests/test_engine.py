@@ -218,9 +218,11 @@ def test_native_decode_step_equals_pytorch(kw, share, monkeypatch, tmp_path):
     assert native.load() is None and FastDecode(m).native is None
 
 
-def test_compiled_static_decode_step_equals_eager():
+def test_compiled_static_decode_step_equals_eager(monkeypatch):
     """The static-shape step (whole-cache attention, slot writes) traced whole by torch.compile (fullgraph; the
-    eager backend here, inductor / CUDA graphs in use) gives the same tokens, greedy and sampled."""
+    eager backend here, inductor / CUDA graphs in use) gives the same tokens, greedy and sampled. (With the native
+    step off: on CPU it would run instead.)"""
+    monkeypatch.setenv("LLMCTL_NATIVE", "0")
     m = make_model()
     prompts = prompts_of([7, 1, 12])
     sp = SamplingParams(max_new_tokens=12, temperature=0)
