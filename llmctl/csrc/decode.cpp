@@ -124,12 +124,8 @@ inline float vexp(float x) {
   p = p * r + 1.6666665459e-1f;
   p = p * r + 5.0000001201e-1f;
   p = p * r * r + r + 1.0f;
-  union {
-    int32_t i;
-    float f;
-  } two_n;
-  two_n.i = ((int32_t)n + 127) << 23;
-  return x < -87.0f ? 0.0f : p * two_n.f;
+  const float two_n = __builtin_bit_cast(float, ((int32_t)n + 127) << 23);
+  return x < -87.0f ? 0.0f : p * two_n;
 }
 
 // RoPE on one head, in place: x * cos + rotate_half(x) * sin, with sin already signed (FastDecode's tables).
