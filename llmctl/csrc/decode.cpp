@@ -21,6 +21,7 @@
 #include <cmath>
 #include <cstdint>
 #include <cstring>
+#include <vector>
 
 namespace {
 
@@ -308,6 +309,11 @@ int llmctl_step(const int64_t* cfg, const int64_t* ptrs, float eps, float scale,
   for (int64_t i = 0; out_idx && i < n_out; i++)
     if (out_idx[i] < 0 || out_idx[i] >= M) return 1;
   float *h = work, *xn = h + M * C, *qkv = xn + M * C, *att = qkv + M * nq, *mlp = att + M * nh * hd;
+  std::vector<int64_t> run;  // starts of the runs of consecutive tokens with the same row, and M
+  for (int64_t m = 0; m < M; m++)
+    if (m == 0 || rows[m] != rows[m - 1]) run.push_back(m);
+  const int64_t n_runs = (int64_t)run.size();
+  run.push_back(M);
   const float *emb = md.p(0), *pe = md.p(1), *sin = md.p(2);
 
 #pragma omp parallel for schedule(static)
@@ -332,11 +338,14 @@ int llmctl_step(const int64_t* cfg, const int64_t* ptrs, float eps, float scale,
         }
       }
       float* sc = new float[L];
-#pragma omp for schedule(static)
-      for (int64_t i = 0; i < M * nh; i++) {
-        const int64_t m = i / nh, j = i % nh, r = rows[m], g = j / (nh / nkv);
-        attend(qkv + m * nq + j * hd, w.kc + (r * nkv + g) * L * hd, w.vc + (r * nkv + g) * L * hd, limit[m] + 1,
-               mask ? mask + r * mstride : nullptr, scale, sc, att + (m * nh + j) * hd, hd);
+      // by (run of consecutive tokens of one row, head): a verify pass's tokens of a row read its keys / values
+      // one after the other, from cache rather than memory
+#pragma omp for schedule(dynamic, 4)
+      for (int64_t i = 0; i < n_runs * nh; i++) {
+        const int64_t j = i % nh, r = rows[run[i / nh]], g = j / (nh / nkv);
+        for (int64_t m = run[i / nh]; m < run[i / nh + 1]; m++)
+          attend(qkv + m * nq + j * hd, w.kc + (r * nkv + g) * L * hd, w.vc + (r * nkv + g) * L * hd, limit[m] + 1,
+                 mask ? mask + r * mstride : nullptr, scale, sc, att + (m * nh + j) * hd, hd);
       }
       delete[] sc;
     }
