@@ -28,6 +28,8 @@ import sysconfig
 import warnings
 from pathlib import Path
 
+from llmctl import cache_dir
+
 # Directories of the standard library that are not read: tests, third-party packages, generated codec tables.
 _SKIP_DIRS = frozenset({
     "site-packages", "dist-packages", "__pycache__", "test", "tests", "idle_test", "encodings", "pydoc_data",
@@ -73,9 +75,8 @@ def _cache_path(files: list[Path]) -> Path:
     for f in files:
         st = f.stat()
         h.update(f"{f}|{st.st_size}|{st.st_mtime_ns}\n".encode())
-    base = Path(os.environ.get("LLMCTL_CACHE") or Path.home() / ".cache" / "llmctl")
     v = sys.version_info
-    return base / f"builtin-py{v.major}.{v.minor}.{v.micro}-{h.hexdigest()[:16]}.json.gz"
+    return cache_dir() / f"builtin-py{v.major}.{v.minor}.{v.micro}-{h.hexdigest()[:16]}.json.gz"
 
 
 def _load_or_build() -> list[str]:

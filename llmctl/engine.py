@@ -181,6 +181,7 @@ class _Batch:
         self.L = L
         fast = engine._fast()  # fp32 on CPU the native step (llmctl/native.py) beats the compiled one: it runs instead
         self.static = engine.compiled is not None and fast is not None and fast.native is None
+        self.fast = fast  # the step's FastDecode (None: the model's forward)
         if self.static:  # few distinct shapes for torch.compile: the cache length in steps of 64
             self.cache = m.new_cache(B, min(engine.block_size, -(-(L + self.N) // 64) * 64))
             self.smask = torch.zeros(B, self.cache.max_len, dtype=torch.bool, device=dev)
@@ -448,7 +449,6 @@ class Engine:
     def _decode(self, prompts, params, rows, stream: bool = False):
         """Generator: decode prompts[rows] as one batch; yields text deltas of row 0 when `stream`, returns Results."""
         b = _Batch(self, prompts, params, rows)
-        b.fast = self._fast() if not b.static else self.fast
         gen: list[list[int]] = [[] for _ in rows]  # per batch position
         reason: list[str | None] = ["length" if n == 0 else None for n in b.limit]
         results = {b.rows[r]: self._result(prompts[b.rows[r]], [], "length", ())

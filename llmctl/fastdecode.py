@@ -159,22 +159,26 @@ class FastDecode:
             self._ptrs[[6 + 14 * i + 12 + j for i in range(self.cfg.n_layer) for j in (0, 1)]] = key[: len(bufs)]
             self._cfg[8], self._cfg[14] = cache.max_len, cache.k[0].size(0)
             self._cache_ptrs = key
-            need = int(self.native.llmctl_work_floats(self._cfg.ctypes.data))
-            if self._work is None or self._work.numel() < need:
-                self._work = torch.empty(need)
         return True
 
+    def _scratch(self, n: int) -> torch.Tensor:
+        """The native steps' scratch buffer, at least n floats (grown as needed, kept)."""
+        if self._work is None or self._work.numel() < n:
+            self._work = torch.empty(n)
+        return self._work
+
     def _native_step(self, token: int, cache) -> torch.Tensor | None:
-        """One token of a one-row cache through the native step: logits [1, V] fp32; writes the cache at pos."""
+        """One token of a one-row cache through the native step, at slot and position cache.pos: logits [1, V]
+        fp32 (the caller advances pos). None (nothing written) where it does not apply."""
         P, c = cache.pos, self._cfg
         if not self._bind(cache):
             return None
         c[10], c[11], c[12] = token, P, P
+        work = self._scratch(int(self.native.llmctl_work_floats(c.ctypes.data)))
         out = torch.empty(1, self.cfg.vocab_size)
         if self.native.llmctl_decode(c.ctypes.data, self._ptrs.ctypes.data, self._eps, self._scale, out.data_ptr(),
-                                     self._work.data_ptr()):  # fmt: skip
+                                     work.data_ptr()):  # fmt: skip
             return None  # an index out of range, nothing written: PyTorch's step decides
-        cache.pos = P + 1
         return out
 
     def _native_rows(self, x, cache, rows, slots, pos, mask=None, out=None) -> torch.Tensor | None:
@@ -186,18 +190,18 @@ class FastDecode:
         if mask is not None and (mask.dtype != torch.bool or mask.stride(-1) != 1):
             return None
         c, M = self._cfg, x.size(0)
-        idx = [t.to(torch.long).contiguous() for t in (x, rows, slots, pos)]
+        x, rows, slots, pos = (t.to(torch.long).contiguous() for t in (x, rows, slots, pos))
         c[10] = M
         n_out = M if out is None else out.numel()
         if out is not None:
             out = out.to(torch.long).contiguous()
-        work = torch.empty(int(self.native.llmctl_step_floats(c.ctypes.data, M)))
+        work = self._scratch(int(self.native.llmctl_step_floats(c.ctypes.data, M)))
         logits = torch.empty(n_out, self.cfg.vocab_size)
-        err = self.native.llmctl_step(c.ctypes.data, self._ptrs.ctypes.data, self._eps, self._scale,
-                                      *(t.data_ptr() for t in idx[:3]), idx[2].data_ptr(), idx[3].data_ptr(),
-                                      None if mask is None else mask.data_ptr(), 0 if mask is None else mask.stride(0),
-                                      None if out is None else out.data_ptr(), n_out, logits.data_ptr(),
-                                      work.data_ptr(), self._sgemm)  # fmt: skip
+        err = self.native.llmctl_step(c.ctypes.data, self._ptrs.ctypes.data, self._eps, self._scale, x.data_ptr(),
+                                      rows.data_ptr(), slots.data_ptr(), slots.data_ptr(),  # limit: each its own slot
+                                      pos.data_ptr(), None if mask is None else mask.data_ptr(),
+                                      0 if mask is None else mask.stride(0), None if out is None else out.data_ptr(),
+                                      n_out, logits.data_ptr(), work.data_ptr(), self._sgemm)  # fmt: skip
         return None if err else logits
 
     def _fuse(self, *lins):

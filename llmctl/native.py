@@ -2,10 +2,10 @@
 
 `load()` returns the ctypes library, or None when it can't be had: no compiler (`$CXX`, g++ or c++), a failed
 build, or `LLMCTL_NATIVE=0` in the environment. Callers then keep PyTorch's path; `reason` says why. The build
-takes well under a second and lands in `$LLMCTL_CACHE` (default `$XDG_CACHE_HOME/llmctl` or `~/.cache/llmctl`)
-under a name that hashes the source, the compiler, its flags and this CPU's feature flags (-march=native), so a
-cache shared between machines never runs code built for another CPU. The library links OpenMP by its soname and
-is loaded after PyTorch, so it shares PyTorch's OpenMP runtime (and `torch.set_num_threads`).
+takes about a second and lands in `llmctl.cache_dir()` (`$LLMCTL_CACHE`, or `~/.cache/llmctl`) under a name that
+hashes the source, the compiler, its flags and this CPU's feature flags (-march=native), so a cache shared between
+machines never runs code built for another CPU. The library links OpenMP by its soname and is loaded after PyTorch,
+so it shares PyTorch's OpenMP runtime (and `torch.set_num_threads`).
 """
 
 from __future__ import annotations
@@ -19,6 +19,8 @@ import tempfile
 from pathlib import Path
 
 import torch  # noqa: F401  (loaded first: its OpenMP runtime is the one the library binds to)
+
+from llmctl import cache_dir
 
 SOURCE = Path(__file__).with_name("csrc") / "decode.cpp"
 FLAGS = ["-O3", "-march=native", "-fopenmp", "-shared", "-fPIC", "-std=c++17"]
@@ -37,12 +39,6 @@ def _cpu_flags() -> str:
     import platform
 
     return platform.processor() or platform.machine()
-
-
-def cache_dir() -> Path:
-    if os.environ.get("LLMCTL_CACHE"):
-        return Path(os.environ["LLMCTL_CACHE"])
-    return Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "llmctl"
 
 
 def _build() -> ctypes.CDLL:

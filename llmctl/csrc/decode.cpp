@@ -1,20 +1,21 @@
-// The one-token, one-row decode step of an llmctl Transformer (llama or gpt2 family), fp32 on CPU, in one call.
+// The decode step of an llmctl Transformer (llama or gpt2 family), fp32 on CPU: FastDecode's, natively.
 //
-// llmctl/native.py compiles this file on first use (g++ -O3 -march=native -fopenmp) and calls `llmctl_decode`
-// through ctypes from FastDecode (llmctl/fastdecode.py), which owns the weights: the same fused [in, out]
-// matrices its PyTorch step uses, read in place. At batch 1 a small model's step is mostly op dispatch in
-// PyTorch (~200 ops a token); here it is one call, one OpenMP parallel region (the process's OpenMP runtime,
-// the one PyTorch uses, with its thread count), and loops the compiler vectorises. The math is FastDecode's:
-// tests hold the logits to PyTorch's (fp32, 1e-4).
+// llmctl/native.py compiles this file on first use (g++ -O3 -march=native -fopenmp); FastDecode
+// (llmctl/fastdecode.py) calls it through ctypes and owns the weights: the same fused [in, out] matrices its PyTorch
+// step uses, read in place. `llmctl_decode` runs one token of one row in one call and one OpenMP parallel region
+// (the process's OpenMP runtime, the one PyTorch uses, with its thread count): at batch 1 a small model's PyTorch
+// step is mostly op dispatch (~200 ops a token). `llmctl_step` runs M tokens of a batch's rows (decode steps,
+// verify passes), its matmuls through PyTorch's own sgemm. Tests hold the logits to PyTorch's (fp32, 1e-4).
 //
 // Arguments (all int64 so that one numpy array carries them):
 //   cfg:  arch (0 llama, 1 gpt2), n_layer, C, n_head, n_kv_head, head_dim, inter (MLP width), vocab,
 //         cache max_len, lm_layout (0: lm_head [C, V]; 1: rows [V, C], a tied embedding as it is),
-//         token, slot (cache position written), position (RoPE / learned position index)
+//         llmctl_decode: token, slot (cache position written), position (RoPE / learned position index);
+//         llmctl_step: M, unused, unused; then n_pos (positions the tables hold), B (cache rows)
 //   ptrs: embedding [V, C], wpe [n_pos, C] (gpt2) or cos [n_pos, hd] (llama), signed sin [n_pos, hd] (llama),
 //         final norm weight, final norm bias (gpt2), lm_head, then per layer 14: ln1 w, ln1 b, wqkv, bqkv,
 //         wo, bo, ln2 w, ln2 b, w1 (gate|up or fc), b1, w2 (down or proj), b2, k cache, v cache
-//         ([nkv, max_len, hd] each, contiguous); a null pointer is an absent bias.
+//         ([B, nkv, max_len, hd] each, contiguous); a null pointer is an absent bias.
 //   eps, scale: the norms' epsilon, attention's scale; logits: [V] out; work: scratch (llmctl_work_floats).
 #include <omp.h>
 
@@ -137,6 +138,19 @@ inline void rope(float* __restrict x, const float* c, const float* s, int64_t hd
   std::memcpy(x, tmp, hd * sizeof(float));
 }
 
+// Head j of a token's q | k | v [(nh + 2 nkv) * hd]: RoPE on q and k heads (llama: c, s at its position), and
+// k / v head j - nh into the cache row kc / vc [nkv, max_len, hd] at slot.
+inline void rope_store(float* __restrict qkv, int64_t j, int64_t nh, int64_t nkv, int64_t hd, const float* c,
+                       const float* s, float* kc, float* vc, int64_t L, int64_t slot) {
+  float* x = qkv + j * hd;
+  if (c) rope(x, c, s, hd);
+  if (j >= nh) {
+    const int64_t g = j - nh;
+    std::memcpy(kc + (g * L + slot) * hd, x, hd * sizeof(float));
+    std::memcpy(vc + (g * L + slot) * hd, qkv + (nh + nkv + g) * hd, hd * sizeof(float));
+  }
+}
+
 // One query head over cache slots 0..S-1 (K, Vc [slots, hd]) where mask (null: all): y [hd]; sc: scratch [S].
 inline void attend(const float* __restrict q, const float* __restrict K, const float* __restrict Vc, int64_t S,
                    const bool* mask, float scale, float* __restrict sc, float* __restrict y, int64_t hd) {
@@ -200,16 +214,17 @@ Model read(const int64_t* cfg, const int64_t* ptrs) {
 typedef void (*sgemm_t)(const char*, const char*, const int*, const int*, const int*, const float*, const float*,
                         const int*, const float*, const int*, const float*, float*, const int*);
 
-// y [M, out] (+)= x [M, in] @ W + b, W [in, out] row-major (rows: W [out, in], y = x @ W^T), through sgemm.
+// y [M, out] (+)= x [M, in] @ W + b, W [in, out] row-major (rows: W [out, in], y = x @ W^T), through sgemm; x's
+// rows ldx floats apart (0: in).
 void mm(sgemm_t f, int64_t M, const float* x, const float* W, const float* b, float* y, int64_t in, int64_t out,
-        bool acc, bool rows = false) {
+        bool acc, bool rows = false, int64_t ldx = 0) {
   if (b && !acc) {
 #pragma omp parallel for schedule(static)
     for (int64_t m = 0; m < M; m++) std::memcpy(y + m * out, b, out * sizeof(float));
   }
-  const int m_ = (int)out, n_ = (int)M, k_ = (int)in, lda = rows ? (int)in : (int)out;
+  const int m_ = (int)out, n_ = (int)M, k_ = (int)in, lda = rows ? (int)in : (int)out, ldb = (int)(ldx ? ldx : in);
   const float one = 1.0f, beta = (acc || b) ? 1.0f : 0.0f;
-  f(rows ? "T" : "N", "N", &m_, &n_, &k_, &one, W, &lda, x, &k_, &beta, y, &m_);
+  f(rows ? "T" : "N", "N", &m_, &n_, &k_, &one, W, &lda, x, &ldb, &beta, y, &m_);
   if (b && acc) {
 #pragma omp parallel for schedule(static)
     for (int64_t m = 0; m < M; m++)
@@ -251,15 +266,8 @@ int llmctl_decode(const int64_t* cfg, const int64_t* ptrs, float eps, float scal
       gemv_io(xn, w.wqkv, w.bqkv, qkv, C, nq, false);
 #pragma omp barrier
 #pragma omp for schedule(static)
-      for (int64_t j = 0; j < nh + nkv; j++) {  // RoPE on q and k heads; k and v into the cache
-        float* x = qkv + j * hd;
-        if (!gpt2) rope(x, pe + pos * hd, sin + pos * hd, hd);
-        if (j >= nh) {
-          const int64_t g = j - nh;
-          std::memcpy(w.kc + (g * L + slot) * hd, x, hd * sizeof(float));
-          std::memcpy(w.vc + (g * L + slot) * hd, qkv + (nh + nkv + g) * hd, hd * sizeof(float));
-        }
-      }
+      for (int64_t j = 0; j < nh + nkv; j++)
+        rope_store(qkv, j, nh, nkv, hd, gpt2 ? nullptr : pe + pos * hd, gpt2 ? nullptr : sin + pos * hd, w.kc, w.vc, L, slot);
 #pragma omp for schedule(static)
       for (int64_t j = 0; j < nh; j++) {
         const int64_t g = j / (nh / nkv);
@@ -327,15 +335,11 @@ int llmctl_step(const int64_t* cfg, const int64_t* ptrs, float eps, float scale,
 #pragma omp parallel
     {
 #pragma omp for schedule(static)
-      for (int64_t i = 0; i < M * (nh + nkv); i++) {  // RoPE on q and k heads; k and v into the cache
-        const int64_t m = i / (nh + nkv), j = i % (nh + nkv);
-        float* x = qkv + m * nq + j * hd;
-        if (!gpt2) rope(x, pe + pos[m] * hd, sin + pos[m] * hd, hd);
-        if (j >= nh) {
-          const int64_t g = j - nh, at = ((rows[m] * nkv + g) * L + slots[m]) * hd;
-          std::memcpy(w.kc + at, x, hd * sizeof(float));
-          std::memcpy(w.vc + at, qkv + m * nq + (nh + nkv + g) * hd, hd * sizeof(float));
-        }
+      for (int64_t i = 0; i < M * (nh + nkv); i++) {
+        const int64_t m = i / (nh + nkv), r = rows[m] * nkv * L * hd;
+        rope_store(qkv + m * nq, i % (nh + nkv), nh, nkv, hd, gpt2 ? nullptr : pe + pos[m] * hd,
+                   gpt2 ? nullptr : sin + pos[m] * hd,
+                   w.kc + r, w.vc + r, L, slots[m]);
       }
       float* sc = new float[L];
       // by (run of consecutive tokens of one row, head): a verify pass's tokens of a row read its keys / values
@@ -355,10 +359,7 @@ int llmctl_step(const int64_t* cfg, const int64_t* ptrs, float eps, float scale,
     mm(f, M, xn, w.w1, w.b1, mlp, C, m1, false);
 #pragma omp parallel for schedule(static)
     for (int64_t m = 0; m < M; m++) activate(mlp + m * m1, inter, 0, inter, gpt2);
-    if (!gpt2) {  // silu(gate) * up sits in each row's first half: pack the rows for the down projection
-      for (int64_t m = 1; m < M; m++) std::memmove(mlp + m * inter, mlp + m * m1, inter * sizeof(float));
-    }
-    mm(f, M, mlp, w.w2, w.b2, h, inter, C, true);
+    mm(f, M, mlp, w.w2, w.b2, h, inter, C, true, false, m1);  // (llama: silu(gate) * up, each row's first half)
   }
   const int64_t n = out_idx ? n_out : M;
 #pragma omp parallel for schedule(static)
