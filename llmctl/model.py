@@ -24,6 +24,8 @@ import torch.nn as nn
 import torch.nn.functional as F
 from torch.utils.checkpoint import checkpoint
 
+from llmctl import attention as cpu_attention
+
 ARCHS = ("llama", "gpt2")
 try:  # Intel AMX makes bf16 matmuls and attention fast on CPU; without it fp32 attention is faster than bf16
     CPU_HAS_AMX = bool(torch._C._cpu._init_amx())
@@ -138,9 +140,14 @@ def attend(q, k, v, mask, cache, layer_idx, dropout_p):
     upcast = upcast and (dtype != torch.float32 or torch.is_autocast_enabled("cpu"))
     if upcast:  # CPU without AMX: bf16/fp16 flash attention is 2-3x slower than fp32
         q, k, v = q.float(), k.float(), v.float()
+    if cpu_attention.applies(q, k, mask, cache, dropout_p):  # fp32 CPU training / full forward: llmctl's kernels
+        return cpu_attention.causal_attention(q, k, v)[0].to(dtype)
+    causal = mask is None
+    if T == 1:  # (a branch, not `and T > 1`: under dynamic shapes that would be a SymBool, which SDPA refuses)
+        causal = False  # one new token sees its whole cache
     with torch.autocast("cpu", enabled=False) if upcast else contextlib.nullcontext():
-        y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, dropout_p=dropout_p,
-                                           is_causal=mask is None and T > 1, enable_gqa=k.size(1) != nh)  # fmt: skip
+        y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, dropout_p=dropout_p, is_causal=causal,
+                                           enable_gqa=k.size(1) != nh)  # fmt: skip
     return y.transpose(1, 2).reshape(B, T, nh * hd).to(dtype)  # [B, T, nh*hd]
 
 

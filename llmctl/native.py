@@ -1,9 +1,11 @@
-"""The native decode step (llmctl/csrc/decode.cpp): built on first use with the system's C++ compiler, cached.
+"""Native CPU kernels: the decode step (llmctl/csrc/decode.cpp) and causal attention's forward and backward for
+training (llmctl/csrc/attention.cpp, used through llmctl/attention.py), one library built on first use with the
+system's C++ compiler, cached.
 
 `load()` returns the ctypes library, or None when it can't be had: no compiler (`$CXX`, g++ or c++), a failed
 build, or `LLMCTL_NATIVE=0` in the environment. Callers then keep PyTorch's path; `reason` says why. The build
 takes about a second and lands in `llmctl.cache_dir()` (`$LLMCTL_CACHE`, or `~/.cache/llmctl`) under a name that
-hashes the source, the compiler, its flags and this CPU's feature flags (-march=native), so a cache shared between
+hashes the sources, the compiler, its flags and this CPU's feature flags (-march=native), so a cache shared between
 machines never runs code built for another CPU. The library links OpenMP by its soname and is loaded after PyTorch,
 so it shares PyTorch's OpenMP runtime (and `torch.set_num_threads`).
 """
@@ -22,7 +24,7 @@ import torch  # noqa: F401  (loaded first: its OpenMP runtime is the one the lib
 
 from llmctl import cache_dir
 
-SOURCE = Path(__file__).with_name("csrc") / "decode.cpp"
+SOURCES = [Path(__file__).with_name("csrc") / name for name in ("decode.cpp", "attention.cpp")]
 FLAGS = ["-O3", "-march=native", "-fopenmp", "-shared", "-fPIC", "-std=c++17"]
 _lib: ctypes.CDLL | None = None
 _tried = False
@@ -46,15 +48,16 @@ def _build() -> ctypes.CDLL:
     if not cxx:
         raise RuntimeError("no C++ compiler (set CXX, or install g++)")
     version = subprocess.run([cxx, "--version"], capture_output=True, text=True, timeout=30).stdout
-    src = SOURCE.read_bytes()
-    key = hashlib.sha256(b"\0".join([src, version.encode(), " ".join(FLAGS).encode(), _cpu_flags().encode()]))
-    out = cache_dir() / "native" / f"decode-{key.hexdigest()[:16]}.so"
+    parts = [*(src.read_bytes() for src in SOURCES), version.encode(), " ".join(FLAGS).encode(), _cpu_flags().encode()]
+    key = hashlib.sha256(b"\0".join(parts))
+    out = cache_dir() / "native" / f"llmctl-{key.hexdigest()[:16]}.so"
     if not out.exists():
         out.parent.mkdir(parents=True, exist_ok=True)
         fd, tmp = tempfile.mkstemp(suffix=".so", dir=out.parent)
         os.close(fd)
         try:
-            r = subprocess.run([cxx, *FLAGS, str(SOURCE), "-o", tmp], capture_output=True, text=True, timeout=300)
+            cmd = [cxx, *FLAGS, *map(str, SOURCES), "-o", tmp]
+            r = subprocess.run(cmd, capture_output=True, text=True, timeout=300)
             if r.returncode != 0:
                 raise RuntimeError(f"{cxx} failed: {(r.stderr or r.stdout).strip()[-500:]}")
             os.replace(tmp, out)  # atomic: concurrent builders each write their own file
@@ -72,6 +75,10 @@ def _build() -> ctypes.CDLL:
     lib.llmctl_step.restype = ctypes.c_int
     lib.llmctl_step_floats.argtypes = [ctypes.c_void_p, ctypes.c_int64]
     lib.llmctl_step_floats.restype = ctypes.c_int64
+    lib.llmctl_attn_fwd.argtypes = [ptr, ptr, ptr, ptr, ptr, ptr, f32]
+    lib.llmctl_attn_fwd.restype = ctypes.c_int
+    lib.llmctl_attn_bwd.argtypes = [*[ptr] * 10, f32]
+    lib.llmctl_attn_bwd.restype = ctypes.c_int
     return lib
 
 

@@ -168,7 +168,7 @@ def test_native_decode_step_equals_pytorch(kw, share, monkeypatch, tmp_path):
     monkeypatch.setattr(native, "_tried", False)
     if native.load() is None:
         pytest.skip(f"no native decode step here: {native.reason}")
-    assert list((tmp_path / "native").glob("decode-*.so"))
+    assert list((tmp_path / "native").glob("llmctl-*.so"))
     m = make_model(vocab_size=509, n_embd=72, n_head=4, block_size=40, **kw)
     fast = FastDecode(m, share=share)
     assert fast.native is not None and fast._sgemm is not None

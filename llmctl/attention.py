@@ -1,0 +1,108 @@
+"""Causal self-attention for fp32 on CPU as one custom op, `llmctl::causal_attention`, with its own backward.
+
+`model.attend` sends plain causal attention here (no KV cache, no mask, no dropout, head size a multiple of 16, fp32
+on CPU: the CPU training and full-forward path, eager or under torch.compile, which keeps the op opaque). Its
+forward and backward run natively (llmctl/csrc/attention.cpp through llmctl/native.py); where the native library
+can't be had (no compiler, `LLMCTL_NATIVE=0`) they run PyTorch's own CPU flash attention instead, with the same
+outputs. The op returns the attention output already as [B, T, H * hd] (what the output projection reads) and
+each query row's log-sum-exp, which the backward uses in place of the probabilities.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import torch
+
+from llmctl import native
+
+
+def _strides(t: torch.Tensor) -> list[int]:  # [B, heads, T, hd] -> element strides (batch, time, head)
+    return [t.stride(0), t.stride(2), t.stride(1)]
+
+
+def _rows(t: torch.Tensor) -> torch.Tensor:
+    return t if t.stride(-1) == 1 else t.contiguous()
+
+
+@torch.library.custom_op("llmctl::causal_attention", mutates_args=(), device_types="cpu")
+def causal_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """q [B, H, T, hd], k/v [B, Hk, T, hd] (H a multiple of Hk), fp32 -> (out [B, T, H*hd], lse [B, H, T])."""
+    B, H, T, hd = q.shape
+    lib = native.load()
+    if lib is None:
+        k, v = (t.repeat_interleave(H // k.size(1), dim=1) for t in (k, v))
+        out, lse = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu(q, k, v, 0.0, True)[:2]
+        return out.transpose(1, 2).reshape(B, T, H * hd), lse.contiguous()
+    q, k, v = _rows(q), _rows(k), _rows(v)
+    out = q.new_empty(B, T, H * hd)
+    lse = q.new_empty(B, H, T)
+    dims = np.array([B, T, H, k.size(1), hd, *_strides(q), *_strides(k), *_strides(v), T * H * hd, H * hd, hd],
+                    dtype=np.int64)  # fmt: skip
+    if lib.llmctl_attn_fwd(dims.ctypes.data, q.data_ptr(), k.data_ptr(), v.data_ptr(), out.data_ptr(), lse.data_ptr(),
+                           hd**-0.5):  # fmt: skip
+        raise RuntimeError("llmctl_attn_fwd: unsupported shape")
+    return out, lse
+
+
+@causal_attention.register_fake
+def _(q, k, v):
+    B, H, T, hd = q.shape
+    return q.new_empty(B, T, H * hd), q.new_empty(B, H, T)
+
+
+@torch.library.custom_op("llmctl::causal_attention_backward", mutates_args=(), device_types="cpu")
+def causal_attention_backward(
+    g: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, out: torch.Tensor, lse: torch.Tensor
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Gradients of causal_attention's output g [B, T, H*hd] -> dq [B, T, H, hd], dk, dv [B, T, Hk, hd]."""
+    B, H, T, hd = q.shape
+    Hk = k.size(1)
+    lib = native.load()
+    if lib is None:
+        o4 = out.view(B, T, H, hd).transpose(1, 2)
+        g4 = g.contiguous().view(B, T, H, hd).transpose(1, 2)
+        kk, vv = (t.repeat_interleave(H // Hk, dim=1) for t in (k, v))
+        dq, dk, dv = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu_backward(
+            g4, q, kk, vv, o4, lse, 0.0, True
+        )
+        dk, dv = (t.view(B, Hk, H // Hk, T, hd).sum(2) for t in (dk, dv))  # a group's heads share their k, v
+        return dq.transpose(1, 2).contiguous(), dk.transpose(1, 2).contiguous(), dv.transpose(1, 2).contiguous()
+    q, k, v, g = _rows(q), _rows(k), _rows(v), g.contiguous()
+    dq = q.new_empty(B, T, H, hd)
+    dk, dv = k.new_empty(B, T, Hk, hd), v.new_empty(B, T, Hk, hd)
+    dims = np.array([B, T, H, Hk, hd, *_strides(q), *_strides(k), *_strides(v), T * H * hd, H * hd, hd,
+                     T * Hk * hd, Hk * hd, hd], dtype=np.int64)  # fmt: skip
+    err = lib.llmctl_attn_bwd(dims.ctypes.data, q.data_ptr(), k.data_ptr(), v.data_ptr(), out.data_ptr(),
+                              lse.data_ptr(), g.data_ptr(), dq.data_ptr(), dk.data_ptr(), dv.data_ptr(), hd**-0.5)  # fmt: skip
+    if err:
+        raise RuntimeError("llmctl_attn_bwd: unsupported shape")
+    return dq, dk, dv
+
+
+@causal_attention_backward.register_fake
+def _(g, q, k, v, out, lse):
+    B, H, T, hd = q.shape
+    return q.new_empty(B, T, H, hd), k.new_empty(B, T, k.size(1), hd), v.new_empty(B, T, k.size(1), hd)
+
+
+def _setup(ctx, inputs, output):
+    q, k, v = inputs
+    out, lse = output
+    ctx.save_for_backward(q, k, v, out, lse)
+
+
+def _backward(ctx, g, _glse):
+    q, k, v, out, lse = ctx.saved_tensors
+    dq, dk, dv = causal_attention_backward(g, q, k, v, out, lse)
+    return dq.transpose(1, 2), dk.transpose(1, 2), dv.transpose(1, 2)
+
+
+causal_attention.register_autograd(_backward, setup_context=_setup)
+
+
+def applies(q: torch.Tensor, k: torch.Tensor, mask, cache, dropout_p: float) -> bool:
+    """Whether attend's call is one this op computes: plain causal self-attention over T > 1 fresh tokens, fp32 on
+    CPU, no dropout, head size a multiple of 16 (the kernels' vector width), H a multiple of Hk."""
+    return (mask is None and cache is None and dropout_p == 0.0 and q.device.type == "cpu"
+            and q.dtype == torch.float32 and k.dtype == torch.float32 and q.size(2) > 1 and q.size(-1) % 16 == 0
+            and q.size(1) % k.size(1) == 0 and q.size(2) == k.size(2))  # fmt: skip
