@@ -26,7 +26,7 @@ typedef float vfu __attribute__((vector_size(64), aligned(4)));
 typedef int32_t vi __attribute__((vector_size(64)));
 inline vf ld(const float* p) { return *(const vfu*)p; }
 inline void st(float* p, vf v) { *(vfu*)p = v; }
-inline vf bc(float x) { return vf{} + x; }
+inline vf bc(float x) { return vf{x, x, x, x, x, x, x, x, x, x, x, x, x, x, x, x}; }  // (not vf{} + x: an add)
 const vi iota = {0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15};
 inline vf below(int64_t j, int64_t n, vf x) { return (iota + (int32_t)j) < (int32_t)n ? x : vf{}; }  // lanes j+l < n
 
@@ -157,17 +157,27 @@ int llmctl_attn_fwd(const int64_t* dims, const float* q, const float* k, const f
         for (int64_t r = 0; r < R; r++) {
           float* s = S.data() + r * Tp;
           const int64_t n = i0 + r + 1;
+          const int64_t nf = n & ~int64_t(15), nv = (n + 15) & ~int64_t(15);  // full vectors; all with keys
           vf m = bc(-INFINITY);
-          for (int64_t j = 0; j < nS; j += 16) {
+          for (int64_t j = 0; j < nf; j += 16) {
             const vf x = ld(s + j);
-            m = (iota + (int32_t)j) < (int32_t)n && x > m ? x : m;
+            m = x > m ? x : m;
+          }
+          if (nf < n) {
+            const vf x = ld(s + nf);
+            m = (iota + (int32_t)nf) < (int32_t)n && x > m ? x : m;
           }
           const float mx = hmax(m) * scale;
           vf sum = {};
-          for (int64_t j = 0; j < nS; j += 16) {
-            const vf e = below(j, n, vexp(ld(s + j) * scale - mx));
+          for (int64_t j = 0; j < nf; j += 16) {
+            const vf e = vexp(ld(s + j) * scale - mx);
             st(s + j, e), sum += e;
           }
+          if (nf < n) {
+            const vf e = below(nf, n, vexp(ld(s + nf) * scale - mx));
+            st(s + nf, e), sum += e;
+          }
+          for (int64_t j = nv; j < nS; j += 16) st(s + j, vf{});
           const float total = hsum(sum);
           inv[r] = 1.0f / total;
           L[i0 + r] = mx + std::log(total);
@@ -223,10 +233,16 @@ int llmctl_attn_bwd(const int64_t* dims, const float* q, const float* k, const f
               const int64_t i = i0 + r;
               const float l = L[i], Di = D[i];
               float *p = Pt + r * Tp, *ds = dSt + r * Tp;
-              for (int64_t j = 0; j < nS; j += 16) {
-                const vf e = below(j, i + 1, vexp(ld(p + j) * scale - l));
+              const int64_t n = i + 1, nf = n & ~int64_t(15), nv = (n + 15) & ~int64_t(15);
+              for (int64_t j = 0; j < nf; j += 16) {
+                const vf e = vexp(ld(p + j) * scale - l);
                 st(p + j, e), st(ds + j, e * (ld(ds + j) - Di));
               }
+              if (nf < n) {
+                const vf e = below(nf, n, vexp(ld(p + nf) * scale - l));
+                st(p + nf, e), st(ds + nf, e * (ld(ds + nf) - Di));
+              }
+              for (int64_t j = nv; j < nS; j += 16) st(p + j, vf{}), st(ds + j, vf{});
             }
             PV[R](dSt, Tp, 1, i0 + R, K, d.kt, dQ + i0 * d.ot, d.ot, hd, sc, false);
           }
