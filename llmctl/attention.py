@@ -3,8 +3,9 @@
 `model.attend` sends plain causal attention here (no KV cache, no mask, no dropout, head size a multiple of 16, fp32
 on CPU: the CPU training and full-forward path, eager or under torch.compile, which keeps the op opaque). Its
 forward and backward run natively (llmctl/csrc/attention.cpp through llmctl/native.py); where the native library
-can't be had (no compiler, `LLMCTL_NATIVE=0`) they run PyTorch's own CPU flash attention instead, with the same
-outputs. The op returns the attention output already as [B, T, H * hd] (what the output projection reads) and
+can't be had (no compiler, `LLMCTL_NATIVE=0`), or a pass has fewer (batch row, head) tasks than threads, they run
+PyTorch's own CPU flash attention instead, with the same outputs (its log-sum-exp is the same too, so either
+backward follows either forward). The op returns the attention output already as [B, T, H * hd] (what the output projection reads) and
 each query row's log-sum-exp, which the backward uses in place of the probabilities.
 """
 
@@ -29,7 +30,7 @@ def causal_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> tuple
     """q [B, H, T, hd], k/v [B, Hk, T, hd] (H a multiple of Hk), fp32 -> (out [B, T, H*hd], lse [B, H, T])."""
     B, H, T, hd = q.shape
     lib = native.load()
-    if lib is None:
+    if lib is None or B * H < torch.get_num_threads():  # the kernel's tasks: (batch row, head) pairs; too few
         k, v = (t.repeat_interleave(H // k.size(1), dim=1) for t in (k, v))
         out, lse = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu(q, k, v, 0.0, True)[:2]
         return out.transpose(1, 2).reshape(B, T, H * hd), lse.contiguous()
@@ -58,7 +59,7 @@ def causal_attention_backward(
     B, H, T, hd = q.shape
     Hk = k.size(1)
     lib = native.load()
-    if lib is None:
+    if lib is None or B * Hk < torch.get_num_threads():  # tasks: (batch row, key/value head) pairs
         o4 = out.view(B, T, H, hd).transpose(1, 2)
         g4 = g.contiguous().view(B, T, H, hd).transpose(1, 2)
         kk, vv = (t.repeat_interleave(H // Hk, dim=1) for t in (k, v))

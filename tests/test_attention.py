@@ -113,3 +113,23 @@ def test_model_training_with_causal_attention_equals_sdpa_and_compiles(kw, path,
         torch.testing.assert_close(got[0], want[0], atol=1e-5, rtol=1e-5)
         for n in want[1]:
             torch.testing.assert_close(got[1][n], want[1][n], atol=1e-5, rtol=1e-5, msg=n)
+
+
+@pytest.mark.parametrize("native_pass", ["forward", "backward"])
+def test_either_backward_follows_either_forward(native_pass, monkeypatch):
+    """The two passes choose their path separately (few tasks for the threads -> PyTorch's), so a native forward's
+    log-sum-exp must serve PyTorch's backward and the other way round."""
+    if native.load() is None:
+        pytest.skip(f"no native library here: {native.reason}")
+    q, k, v = qkv(2, 37, 4, 2, 32)
+    q2, k2, v2 = (t.detach().requires_grad_() for t in (q, k, v))
+    monkeypatch.setenv("LLMCTL_NATIVE", "1" if native_pass == "forward" else "0")
+    y = attend(q, k, v, None, None, 0, 0.0)
+    monkeypatch.setenv("LLMCTL_NATIVE", "0" if native_pass == "forward" else "1")
+    g = torch.randn(y.shape, generator=torch.Generator().manual_seed(1))
+    y.backward(g)
+    want = reference(q2, k2, v2)
+    want.backward(g)
+    torch.testing.assert_close(y, want, atol=1e-5, rtol=0)
+    for got, ref in ((q.grad, q2.grad), (k.grad, k2.grad), (v.grad, v2.grad)):
+        torch.testing.assert_close(got, ref, atol=1e-5, rtol=0)
