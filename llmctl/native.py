@@ -4,7 +4,7 @@ system's C++ compiler, cached.
 
 `load()` returns the ctypes library, or None when it can't be had: no compiler (`$CXX`, g++ or c++), a failed
 build, or `LLMCTL_NATIVE=0` in the environment. Callers then keep PyTorch's path; `reason` says why. The build
-takes about a second and lands in `llmctl.cache_dir()` (`$LLMCTL_CACHE`, or `~/.cache/llmctl`) under a name that
+takes a few seconds and lands in `llmctl.cache_dir()` (`$LLMCTL_CACHE`, or `~/.cache/llmctl`) under a name that
 hashes the sources, the compiler, its flags and this CPU's feature flags (-march=native), so a cache shared between
 machines never runs code built for another CPU. The library links OpenMP by its soname and is loaded after PyTorch,
 so it shares PyTorch's OpenMP runtime (and `torch.set_num_threads`).
