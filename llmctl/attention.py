@@ -5,8 +5,8 @@ on CPU: the CPU training and full-forward path, eager or under torch.compile, wh
 forward and backward run natively (llmctl/csrc/attention.cpp through llmctl/native.py); where the native library
 can't be had (no compiler, `LLMCTL_NATIVE=0`), or a pass has fewer (batch row, head) tasks than threads, they run
 PyTorch's own CPU flash attention instead, with the same outputs (its log-sum-exp is the same too, so either
-backward follows either forward). The op returns the attention output already as [B, T, H * hd] (what the output projection reads) and
-each query row's log-sum-exp, which the backward uses in place of the probabilities.
+backward follows either forward). The op returns the attention output already as [B, T, H * hd] (what the output
+projection reads) and each query row's log-sum-exp, which the backward uses in place of the probabilities.
 """
 
 from __future__ import annotations
@@ -19,6 +19,14 @@ from llmctl import native
 
 def _strides(t: torch.Tensor) -> list[int]:  # [B, heads, T, hd] -> element strides (batch, time, head)
     return [t.stride(0), t.stride(2), t.stride(1)]
+
+
+def _dims(q, k, v, *extra: int) -> np.ndarray:
+    """The kernels' int64 arguments: B, T, H, Hk, hd, the (batch, time, head) strides of q, k, v, those of the
+    output / dq (contiguous [B, T, H, hd]), then `extra`."""
+    B, H, T, hd = q.shape
+    return np.array([B, T, H, k.size(1), hd, *_strides(q), *_strides(k), *_strides(v), T * H * hd, H * hd, hd, *extra],
+                    dtype=np.int64)  # fmt: skip
 
 
 def _rows(t: torch.Tensor) -> torch.Tensor:
@@ -37,10 +45,8 @@ def causal_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> tuple
     q, k, v = _rows(q), _rows(k), _rows(v)
     out = q.new_empty(B, T, H * hd)
     lse = q.new_empty(B, H, T)
-    dims = np.array([B, T, H, k.size(1), hd, *_strides(q), *_strides(k), *_strides(v), T * H * hd, H * hd, hd],
-                    dtype=np.int64)  # fmt: skip
-    if lib.llmctl_attn_fwd(dims.ctypes.data, q.data_ptr(), k.data_ptr(), v.data_ptr(), out.data_ptr(), lse.data_ptr(),
-                           hd**-0.5):  # fmt: skip
+    dims = _dims(q, k, v)
+    if lib.llmctl_attn_fwd(dims.ctypes.data, *(t.data_ptr() for t in (q, k, v, out, lse)), hd**-0.5):
         raise RuntimeError("llmctl_attn_fwd: unsupported shape")
     return out, lse
 
@@ -71,11 +77,9 @@ def causal_attention_backward(
     q, k, v, g = _rows(q), _rows(k), _rows(v), g.contiguous()
     dq = q.new_empty(B, T, H, hd)
     dk, dv = k.new_empty(B, T, Hk, hd), v.new_empty(B, T, Hk, hd)
-    dims = np.array([B, T, H, Hk, hd, *_strides(q), *_strides(k), *_strides(v), T * H * hd, H * hd, hd,
-                     T * Hk * hd, Hk * hd, hd], dtype=np.int64)  # fmt: skip
-    err = lib.llmctl_attn_bwd(dims.ctypes.data, q.data_ptr(), k.data_ptr(), v.data_ptr(), out.data_ptr(),
-                              lse.data_ptr(), g.data_ptr(), dq.data_ptr(), dk.data_ptr(), dv.data_ptr(), hd**-0.5)  # fmt: skip
-    if err:
+    dims = _dims(q, k, v, T * Hk * hd, Hk * hd, hd)  # then dk / dv's (contiguous [B, T, Hk, hd])
+    ptrs = (t.data_ptr() for t in (q, k, v, out, lse, g, dq, dk, dv))
+    if lib.llmctl_attn_bwd(dims.ctypes.data, *ptrs, hd**-0.5):
         raise RuntimeError("llmctl_attn_bwd: unsupported shape")
     return dq, dk, dv
 
