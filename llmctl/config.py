@@ -63,6 +63,8 @@ class TrainSection:
     compile: bool = False
     gradient_checkpointing: bool = False
     peak_tflops: Optional[float] = None  # the device's peak for the MFU estimate; None: known GPUs only
+    max_bad_steps: int = 10  # this many non-finite (skipped) steps in a row stop the run with an error; 0: never
+    threads: Optional[int] = None  # CPU threads (PyTorch and native kernels); None: llmctl's policy (see threads.py)
 
 
 @dataclass
