@@ -35,18 +35,26 @@ def _fail(msg: str) -> None:
     raise typer.Exit(2)
 
 
+# Exit codes: 0 done; 2 a user mistake or a fault of the machine (missing file, bad recipe or data, disk full,
+# read-only file system, permission denied), one `error:` line; 130 / 143 a training run stopped by Ctrl-C /
+# SIGTERM after saving its checkpoint (so `llmctl pretrain ... && llmctl sft ...` does not go on); 1 a bug.
+EXIT_USER, EXIT_SIGINT, EXIT_SIGTERM = 2, 130, 143
+
+
 def _guard(fn):
-    """Run a command body; user mistakes end in one `error:` line and exit 2 (LLMCTL_DEBUG=1 re-raises)."""
+    """Run a command body; user mistakes and OS-level faults end in one `error:` line and exit 2 (LLMCTL_DEBUG=1
+    re-raises); a training run stopped by a signal exits 130 (SIGINT) or 143 (SIGTERM)."""
 
     @functools.wraps(fn)
     def wrapper(*args, **kwargs):
         debug = os.environ.get("LLMCTL_DEBUG", "") not in ("", "0")
         try:
-            return fn(*args, **kwargs)
+            result = fn(*args, **kwargs)
         except typer.Exit:
             raise
         except BrokenPipeError:
-            # `llmctl ... | head -1`: the reader went away; end quietly.
+            # `llmctl ... | head -1`: the reader of stdout went away; end quietly. (stderr can't raise this: see
+            # _QuietStderr.)
             try:
                 devnull = os.open(os.devnull, os.O_WRONLY)
                 os.dup2(devnull, sys.stdout.fileno())
@@ -55,18 +63,86 @@ def _guard(fn):
             raise typer.Exit(0)
         except KeyboardInterrupt:
             print("interrupted", file=sys.stderr)
-            raise typer.Exit(130)
+            raise typer.Exit(EXIT_SIGINT)
         except UserError as e:
             if debug:
                 raise
             _fail(str(e))
-        except (FileNotFoundError, IsADirectoryError, NotADirectoryError, PermissionError) as e:
+        except OSError as e:
             if debug:
                 raise
-            name = getattr(e, "filename", None)
-            _fail(f"{e.strerror or e}: {name}" if name else str(e))
+            from llmctl.checkpoint import describe_os_error
+
+            _fail(describe_os_error(e))
+        stopped = result.get("stopped_by") if isinstance(result, dict) else None
+        if stopped:
+            raise typer.Exit(EXIT_SIGINT if stopped == "SIGINT" else EXIT_SIGTERM)
+        return result
 
     return wrapper
+
+
+class _QuietStderr:
+    """sys.stderr that a closed or vanished reader can't break: the first failed write sends fd 2 to /dev/null
+    and the run goes on (`llmctl pretrain ... 2>&1 >/dev/null | head -1` trains to the end)."""
+
+    def __init__(self, stream):
+        self._stream = stream
+        self._dead = False
+
+    def _died(self):
+        self._dead = True
+        try:
+            fd = os.open(os.devnull, os.O_WRONLY)
+            os.dup2(fd, self._stream.fileno())
+            os.close(fd)
+        except (OSError, ValueError):
+            pass
+
+    def write(self, text):
+        if not self._dead:
+            try:
+                return self._stream.write(text)
+            except (OSError, ValueError):
+                self._died()
+        return len(text)
+
+    def flush(self):
+        if not self._dead:
+            try:
+                self._stream.flush()
+            except (OSError, ValueError):
+                self._died()
+
+    def isatty(self):
+        return not self._dead and self._stream.isatty()
+
+    def __getattr__(self, name):
+        return getattr(self._stream, name)
+
+
+def _standard_streams() -> None:
+    """Closed standard descriptors (`2>&-`) become /dev/null, so that no file llmctl opens later takes fd 0-2 and
+    gets written by a stray print; stderr is wrapped in _QuietStderr."""
+    for fd in (0, 1, 2):
+        try:
+            os.fstat(fd)
+        except OSError:
+            try:
+                new = os.open(os.devnull, os.O_RDWR)
+                if new != fd:
+                    os.dup2(new, fd)
+                    os.close(new)
+            except OSError:
+                pass
+    if sys.stdin is None:
+        sys.stdin = open(0, "r", closefd=False)
+    if sys.stdout is None:
+        sys.stdout = open(1, "w", closefd=False)
+    if sys.stderr is None:
+        sys.stderr = open(2, "w", closefd=False)
+    if not isinstance(sys.stderr, _QuietStderr):
+        sys.stderr = _QuietStderr(sys.stderr)
 
 
 def _version_callback(value: bool):
@@ -158,7 +234,7 @@ def pretrain(
         return
     from llmctl.stages import pretrain as stage
 
-    stage.run(cfg)
+    return stage.run(cfg)
 
 
 @app.command("sft")
@@ -171,7 +247,7 @@ def sft(
                                    "supervised tokens highlighted (on a terminal; [[...]] otherwise) and exit."),
 ):
     """Supervised fine-tuning of every weight of init_from (a MODEL) on chat / prompt-completion JSONL."""
-    _train("sft", recipe, overrides, dry_run, show_mask)
+    return _train("sft", recipe, overrides, dry_run, show_mask)
 
 
 @app.command("lora")
@@ -187,17 +263,19 @@ def lora(
     out: Optional[Path] = typer.Option(None, "--out", help="merge: the model directory to write."),
     base: Optional[Path] = typer.Option(None, "--base", help="merge: the base MODEL (default: the adapter's "
                                         "base_model_name_or_path)."),
+    force: bool = typer.Option(False, "--force", help="merge: replace a non-empty --out directory (even the base "
+                               "model's own)."),
 ):
     """LoRA / QLoRA fine-tuning through peft (adapters only train), or `llmctl lora merge ADAPTER --out DIR`:
     merge an adapter into a standalone model directory."""
     if recipe == "merge":
         if not overrides or len(overrides) != 1 or out is None:
-            _fail("usage: llmctl lora merge ADAPTER --out DIR [--base MODEL]")
+            _fail("usage: llmctl lora merge ADAPTER --out DIR [--base MODEL] [--force]")
         from llmctl import lora as lora_lib
 
-        print(lora_lib.merge(overrides[0], out, base))
+        print(lora_lib.merge(overrides[0], out, base, force=force))
         return
-    _train("lora", Path(recipe), overrides, dry_run, show_mask)
+    return _train("lora", Path(recipe), overrides, dry_run, show_mask)
 
 
 @app.command("tasks")
@@ -238,7 +316,7 @@ def rlhf(
         return
     from llmctl.stages import rlhf as stage
 
-    stage.run(cfg)
+    return stage.run(cfg)
 
 
 def _train(kind: str, recipe: Path, overrides, dry_run: bool, show_mask: bool) -> None:
@@ -253,7 +331,7 @@ def _train(kind: str, recipe: Path, overrides, dry_run: bool, show_mask: bool) -
     if show_mask:
         stage.show_mask(cfg)
         return
-    stage.run(cfg, lora=kind == "lora")
+    return stage.run(cfg, lora=kind == "lora")
 
 
 # --------------------------------------------------------------------------------------------- generate
@@ -367,6 +445,7 @@ def eval_cmd(
 
 
 def main() -> None:
+    _standard_streams()
     app()
 
 

@@ -58,11 +58,37 @@ def _datasets():
     return datasets
 
 
+def _pid_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except OSError:
+        return True  # someone else's process
+    return True
+
+
+def remove_stale(directory, prefix: str) -> None:
+    """Remove `prefix<pid>-*` entries of `directory` whose process is gone: what a killed run left behind."""
+    try:
+        entries = list(Path(directory).iterdir())
+    except OSError:
+        return
+    for p in entries:
+        if not p.name.startswith(prefix):
+            continue
+        pid = p.name[len(prefix):].split("-", 1)[0]
+        if pid.isdigit() and int(pid) != os.getpid() and not _pid_alive(int(pid)):
+            shutil.rmtree(p, ignore_errors=True)
+
+
 def _scratch_dir() -> str:
-    """A per-process temporary directory for datasets' Arrow files, removed at exit (no stale caches)."""
+    """A per-process temporary directory for datasets' Arrow files, removed at exit; those of killed runs (named
+    by their process id) are removed by the next run."""
     global _tmp_root
     if _tmp_root is None:
-        _tmp_root = tempfile.mkdtemp(prefix="llmctl-datasets-")
+        remove_stale(tempfile.gettempdir(), "llmctl-datasets-")
+        _tmp_root = tempfile.mkdtemp(prefix=f"llmctl-datasets-{os.getpid()}-")
         atexit.register(shutil.rmtree, _tmp_root, True)
     return _tmp_root
 
@@ -363,7 +389,8 @@ def encode_corpus(specs: list[str], tokenizer, out_dir, val_fraction: float = 0.
     encoded = _tokenize(ds, tokenizer, num_proc)
     dtype = np.uint16 if tokenizer.vocab_size <= 2**16 else np.uint32
     out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=out.parent))
+    remove_stale(out.parent, f".{out.name}.tmp-")  # a killed earlier run's half-written shards
+    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-{os.getpid()}-", dir=out.parent))
     try:
         umask = os.umask(0)
         os.umask(umask)
@@ -388,17 +415,11 @@ def encode_corpus(specs: list[str], tokenizer, out_dir, val_fraction: float = 0.
 
 
 def _replace_dir(tmp: Path, out: Path) -> None:
-    """Move the finished `tmp` to `out`; an earlier shard directory at `out` is moved aside first, then removed."""
-    old = None
-    if out.exists():
-        if any(out.iterdir()):
-            old = out.with_name(f".{out.name}.old-{os.getpid()}")
-            os.replace(out, old)
-        else:
-            out.rmdir()
-    os.replace(tmp, out)
-    if old is not None:
-        shutil.rmtree(old, ignore_errors=True)
+    """Move the finished `tmp` to `out` (fsynced first); an earlier shard directory at `out` is moved aside first,
+    then removed."""
+    from llmctl.checkpoint import publish_dir
+
+    publish_dir(tmp, out)
 
 
 @contextlib.contextmanager

@@ -14,6 +14,27 @@ import torch
 from llmctl.errors import UserError
 
 
+def resolve_device(name: str | None) -> torch.device:
+    """--device: None picks cuda when there is one, else cpu; a device this machine lacks is a UserError."""
+    if name is None:
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    try:
+        dev = torch.device(name)
+    except (RuntimeError, ValueError):
+        raise UserError(f"--device: unknown device {name!r} (use cpu, cuda or cuda:N)") from None
+    if dev.type == "cuda":
+        if not torch.cuda.is_available():
+            raise UserError(f"--device {name}: this machine has no CUDA device (or this torch build has no CUDA "
+                            "support); use --device cpu")
+        if dev.index is not None and dev.index >= torch.cuda.device_count():
+            raise UserError(f"--device {name}: only {torch.cuda.device_count()} CUDA device(s) here")
+    elif dev.type == "mps" and not (hasattr(torch.backends, "mps") and torch.backends.mps.is_available()):
+        raise UserError(f"--device {name}: MPS is not available on this machine; use --device cpu")
+    elif dev.type not in ("cpu", "cuda", "mps"):
+        raise UserError(f"--device {name}: not supported (use cpu or cuda)")
+    return dev
+
+
 class Dist:
     def __init__(self, precision: str = "fp32", seed: int | None = None):
         if precision == "fp16" and not torch.cuda.is_available():

@@ -30,7 +30,6 @@ from __future__ import annotations
 
 import contextlib
 import decimal
-import json
 import math
 import re
 import sys

@@ -20,7 +20,7 @@ from pathlib import Path
 
 import torch
 
-from llmctl.checkpoint import resolve_model_dir
+from llmctl.checkpoint import resolve_model_dir, writing
 from llmctl.errors import UserError
 from llmctl.model import ModelConfig, Transformer
 
@@ -194,10 +194,12 @@ def save_model(model, out_dir, *, tokenizer_dir=None, dtype=None) -> Path:
             t = t.t()  # nn.Linear [out, in] -> Conv1D [in, out]
         t = t.detach().to("cpu", dtype if t.is_floating_point() else t.dtype)
         tensors[k] = t.contiguous()
-    save_file(tensors, str(out / "model.safetensors"), metadata={"format": "pt"})
-    (out / "config.json").write_text(json.dumps(config_to_hf(cfg, dtype), indent=2) + "\n", encoding="utf-8")
+    with writing(out / "model.safetensors"):
+        save_file(tensors, str(out / "model.safetensors"), metadata={"format": "pt"})
     gen = {k: getattr(cfg, k) for k in ("bos_token_id", "eos_token_id", "pad_token_id") if getattr(cfg, k) is not None}
-    (out / "generation_config.json").write_text(json.dumps(gen, indent=2) + "\n", encoding="utf-8")
+    for name, obj in (("config.json", config_to_hf(cfg, dtype)), ("generation_config.json", gen)):
+        with writing(out / name):
+            (out / name).write_text(json.dumps(obj, indent=2) + "\n", encoding="utf-8")
     copy_tokenizer(tokenizer_dir, out)
     return out
 
@@ -210,7 +212,8 @@ def copy_tokenizer(tokenizer_dir, out) -> None:
     src = src.parent if src.is_file() else src
     for name in TOKENIZER_FILES:
         if (src / name).is_file() and (src / name).resolve() != (out / name).resolve():
-            shutil.copyfile(src / name, out / name)
+            with writing(out / name):
+                shutil.copyfile(src / name, out / name)
 
 
 def _weight_files(d: Path) -> list[Path]:
@@ -236,10 +239,10 @@ _ST_DTYPES = {"F64": torch.float64, "F32": torch.float32, "F16": torch.float16, 
               "BOOL": torch.bool}
 
 
-def read_safetensors(path: Path):
+def read_safetensors(path: Path, data: bool = True):
     """(name, tensor) for every tensor of a .safetensors file, read one at a time with plain reads: unlike a
     memory map, the file's pages never count against the process, so loading needs the model's memory plus
-    one tensor, not twice the model. A malformed file is a UserError."""
+    one tensor, not twice the model. A malformed file is a UserError. data=False checks the layout only."""
     bad = lambda why: UserError(f"cannot read {path}: {why}")  # noqa: E731
     with open(path, "rb") as f:
         size = f.seek(0, 2)
@@ -267,10 +270,18 @@ def read_safetensors(path: Path):
                 numel *= d
             if end - start != numel * dtype.itemsize or start < 0 or base + end > size:
                 raise bad(f"entry {name!r} does not fit the file")
+            if not data:
+                continue
             buf = bytearray(end - start)
             f.seek(base + start)
             f.readinto(buf)
             yield name, (torch.frombuffer(buf, dtype=dtype) if buf else torch.empty(0, dtype=dtype)).reshape(shape)
+
+
+def check_safetensors(path: Path) -> None:
+    """Raise UserError unless `path` is a whole safetensors file (its header parses and every tensor fits)."""
+    for _ in read_safetensors(path, data=False):
+        pass
 
 
 def load_state(params: dict, files, rename, arch: str, what: str = "checkpoint") -> tuple[set, list]:
@@ -288,6 +299,9 @@ def load_state(params: dict, files, rename, arch: str, what: str = "checkpoint")
             if arch == "gpt2" and GPT2_CONV1D.search(name) and t.dim() == 2:
                 t = t.t()  # Conv1D [in, out] -> nn.Linear [out, in]
             p = params[name]
+            if t.is_floating_point() and not bool(torch.isfinite(t).all()):
+                raise UserError(f"incompatible {what}: {key} in {f} holds non-finite values (NaN / Inf); "
+                                "refusing to load it")
             if t.shape != p.shape:
                 raise UserError(f"incompatible {what}: {key} has shape {list(t.shape)}, "
                                 f"the config implies {list(p.shape)}")  # fmt: skip

@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import json
 import math
-import os
 import shutil
 import signal
 import time
@@ -25,7 +24,8 @@ from typing import Any, Callable, Optional
 import torch
 
 from llmctl import optim as optim_lib
-from llmctl.checkpoint import list_checkpoints, step_dir_name
+from llmctl.checkpoint import atomic_write, clean_stale, list_checkpoints, publish_dir, remove_dir, step_dir_name, \
+    writing
 from llmctl.config import dump_recipe, to_dict
 from llmctl.dist import Dist
 from llmctl.errors import UserError
@@ -76,22 +76,11 @@ class _StopFlag:
             signal.signal(s, h)
 
 
-def find_resume(out_dir: str | Path) -> Optional[Path]:
-    cks = list_checkpoints(Path(out_dir))
-    return cks[-1][1] if cks else None
-
-
-def _atomic_write(path: Path, text: str):
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    tmp.write_text(text)
-    os.replace(tmp, path)
-
-
 def _prepare_run_dir(recipe, out: Path, resume: Optional[Path], start_step: int):
     """Write config.yaml; on resume, check the recipe and drop metrics logged after the checkpoint."""
-    out.mkdir(parents=True, exist_ok=True)
-    for stale in (out / "checkpoints").glob(".tmp-*"):  # left by a crash or a kill mid-save
-        shutil.rmtree(stale, ignore_errors=True)
+    with writing(out):
+        out.mkdir(parents=True, exist_ok=True)
+    clean_stale(out / "checkpoints")  # left by a crash or a kill mid-save or mid-prune
     cfg_path = out / "config.yaml"
     if resume is not None and cfg_path.exists():
         import yaml
@@ -102,7 +91,7 @@ def _prepare_run_dir(recipe, out: Path, resume: Optional[Path], start_step: int)
             if key in new and key in old and old[key] != new[key]:
                 raise UserError(f"incompatible checkpoint: {out} was trained with a different '{key}' "
                                 f"({old[key]!r}); use a new out_dir or the original recipe")
-    _atomic_write(cfg_path, dump_recipe(recipe))
+    atomic_write(cfg_path, dump_recipe(recipe))
     metrics = out / "metrics.jsonl"
     if metrics.exists():
         kept = []
@@ -113,7 +102,7 @@ def _prepare_run_dir(recipe, out: Path, resume: Optional[Path], start_step: int)
                 continue  # a line cut short by a crash
             if resume is not None and ev.get("step", 0) <= start_step:
                 kept.append(line)
-        _atomic_write(metrics, "".join(k + "\n" for k in kept))
+        atomic_write(metrics, "".join(k + "\n" for k in kept))
 
 
 def _peak_flops(train_cfg, device: torch.device) -> Optional[float]:
@@ -156,7 +145,11 @@ def train(recipe, task: Task, dist: Dist, resume: Optional[Path] = None) -> dict
     model.gradient_checkpointing = tc.gradient_checkpointing
     optimizer = optim_lib.make_optimizer(model, oc, dist.device)
     if resume is not None:
-        optimizer.load_state_dict(torch.load(resume / "optimizer.pt", map_location="cpu", weights_only=True))
+        try:
+            optimizer.load_state_dict(torch.load(resume / "optimizer.pt", map_location="cpu", weights_only=True))
+        except (ValueError, KeyError, RuntimeError) as e:
+            raise UserError(f"incompatible checkpoint: the optimizer state in {resume} does not fit this run's "
+                            f"trainable parameters ({str(e).splitlines()[0]}); use a new out_dir") from None
         _set_rng_state(torch.load(resume / "rng.pt", weights_only=True))
         task_state = resume / f"task_state-{dist.rank}.pt"
         if task.load_state_dict is not None and task_state.is_file():
@@ -190,26 +183,27 @@ def train(recipe, task: Task, dist: Dist, resume: Optional[Path] = None) -> dict
         ck = out / "checkpoints"
         tmp = ck / f".tmp-{step_dir_name(step)}"
         if dist.is_main:
-            ck.mkdir(parents=True, exist_ok=True)
-            shutil.rmtree(tmp, ignore_errors=True)
-            tmp.mkdir()
+            with writing(tmp, cleanup=tmp):
+                ck.mkdir(parents=True, exist_ok=True)
+                shutil.rmtree(tmp, ignore_errors=True)
+                tmp.mkdir()
         if task.state_dict is not None:  # every process's own state (e.g. its rollout buffer)
             dist.barrier()
-            torch.save(task.state_dict(), tmp / f"task_state-{dist.rank}.pt")
+            with writing(tmp / f"task_state-{dist.rank}.pt", cleanup=tmp):
+                torch.save(task.state_dict(), tmp / f"task_state-{dist.rank}.pt")
             dist.barrier()
         if dist.is_main:
-            unwrapped = dist.unwrap(model)
-            task.save_model(unwrapped, tmp)
-            torch.save(optimizer.state_dict(), tmp / "optimizer.pt")
-            torch.save(_rng_state(), tmp / "rng.pt")
-            (tmp / "trainer_state.json").write_text(json.dumps({**state, "step": step}))
-            final = ck / step_dir_name(step)
-            if final.exists():
-                shutil.rmtree(final)
-            os.replace(tmp, final)
+            with writing(tmp / "model.safetensors", cleanup=tmp):
+                task.save_model(dist.unwrap(model), tmp)
+            for name, obj in (("optimizer.pt", optimizer.state_dict()), ("rng.pt", _rng_state())):
+                with writing(tmp / name, cleanup=tmp):
+                    torch.save(obj, tmp / name)
+            with writing(tmp / "trainer_state.json", cleanup=tmp):
+                (tmp / "trainer_state.json").write_text(json.dumps({**state, "step": step}))
+            publish_dir(tmp, ck / step_dir_name(step))  # fsync, rename: visible only once complete
             if tc.keep_last > 0:
                 for _, old in list_checkpoints(out)[:-tc.keep_last]:
-                    shutil.rmtree(old, ignore_errors=True)
+                    remove_dir(old)
         dist.barrier()
 
     model.train()
@@ -218,6 +212,7 @@ def train(recipe, task: Task, dist: Dist, resume: Optional[Path] = None) -> dict
     step = start
     t_last, tokens_last = time.perf_counter(), state["tokens"]
     stop = None
+    bad_run = 0  # non-finite steps in a row
     with _StopFlag() as flag:
         while step < tc.max_steps:
             if dist.any(flag.signum is not None):
@@ -246,9 +241,18 @@ def train(recipe, task: Task, dist: Dist, resume: Optional[Path] = None) -> dict
             state["tokens"] += n_global
             if math.isfinite(loss_val) and (math.isfinite(gnorm) or tc.grad_clip <= 0):
                 optimizer.step()
+                bad_run = 0
             else:  # a non-finite loss or gradient never reaches the weights
                 state["skipped"] += 1
+                bad_run += 1
                 progress.message(f"step {step}: non-finite loss/gradient ({loss_val}, {gnorm}); update skipped")
+                if tc.max_bad_steps and bad_run >= tc.max_bad_steps:
+                    progress.close()
+                    kept = list_checkpoints(out)
+                    where = f"the last checkpoint, {kept[-1][1]}, is intact" if kept else "no checkpoint was written"
+                    raise UserError(f"step {step}: {bad_run} steps in a row had a non-finite loss or gradient "
+                                    f"({loss_val}); stopping ({where}). Lower optim.lr, check the data, or raise "
+                                    "train.max_bad_steps")
             optimizer.zero_grad(set_to_none=True)
             state["step"] = step
             log_now = step % max(1, tc.log_every) == 0 or step == tc.max_steps

@@ -10,11 +10,11 @@ transformers ([in, out] weights) but `nn.Linear` here: the adapter matrices are 
 from __future__ import annotations
 
 import json
-import os
 from pathlib import Path
 
 import torch
 
+from llmctl.checkpoint import atomic_write
 from llmctl.errors import UserError
 
 PRESETS = {
@@ -99,9 +99,7 @@ def _fix_config(adapter_dir: Path, arch: str, base: str | None) -> None:
     cfg["fan_in_fan_out"] = arch == "gpt2"  # Conv1D there
     if base is not None:
         cfg["base_model_name_or_path"] = base
-    tmp = p.with_name(f".{p.name}.tmp")
-    tmp.write_text(json.dumps(cfg, indent=2, sort_keys=True) + "\n")
-    os.replace(tmp, p)
+    atomic_write(p, json.dumps(cfg, indent=2, sort_keys=True) + "\n")
 
 
 def save_adapter(peft_model, out_dir, base: str | None, tokenizer_dir=None) -> Path:
@@ -116,10 +114,25 @@ def save_adapter(peft_model, out_dir, base: str | None, tokenizer_dir=None) -> P
 
 
 def resolve_adapter(path) -> Path:
-    """ADAPTER: an adapter folder, or a `llmctl lora` run directory (its newest complete checkpoint)."""
-    from llmctl.checkpoint import resolve_model_dir
+    """ADAPTER: an adapter folder, or a `llmctl lora` run directory (its newest complete checkpoint). Refuses a
+    full-model directory or run, and pickled adapter weights (adapter_model.bin), with the reason."""
+    from llmctl.checkpoint import latest_checkpoint, resolve_model_dir
 
-    return resolve_model_dir(path, need="adapter_config.json")
+    p = Path(path)
+    if p.is_dir() and not (p / "adapter_config.json").is_file():
+        latest = latest_checkpoint(p)
+        full = p if (p / "config.json").is_file() else latest if latest and (latest / "config.json").is_file() else None
+        if full is not None:
+            kind = "a model directory" if full == p else "a run directory of full-model checkpoints"
+            raise UserError(f"{p} is {kind}, not a LoRA adapter (no adapter_config.json in {full}); pass it as "
+                            "--model, or give a `llmctl lora` run directory or adapter folder")
+    d = resolve_model_dir(path, need="adapter_config.json")
+    if not (d / "adapter_model.safetensors").is_file():
+        if any(d.glob("adapter_model*.bin")) or any(d.glob("*.pt")):
+            raise UserError(f"{d} holds pickled adapter weights (adapter_model.bin); llmctl reads safetensors only "
+                            "— re-save the adapter with peft's save_pretrained(..., safe_serialization=True)")
+        raise UserError(f"{d}: no adapter_model.safetensors next to adapter_config.json")
+    return d
 
 
 def base_of(adapter) -> str:
@@ -154,13 +167,34 @@ def merged(model, adapter):
     return load(model, adapter).merge_and_unload()
 
 
-def merge(adapter, out, base=None) -> Path:
-    """Merge an adapter into its base and write a standalone model directory."""
-    from llmctl import hf
-    from llmctl.checkpoint import resolve_model_dir
+def merge(adapter, out, base=None, force: bool = False) -> Path:
+    """Merge an adapter into its base and write a standalone model directory. `out` must be missing or empty
+    (with `force`: anything, even the base itself); it is written under a temporary name and renamed into place,
+    so a failure leaves whatever was at `out` as it was."""
+    import tempfile
 
-    base = base or base_of(adapter)
-    model = merged(hf.load_model(base), adapter)
+    from llmctl import hf
+    from llmctl.checkpoint import publish_dir, resolve_model_dir, writing
+
     d = resolve_adapter(adapter)
-    tok = d if (d / "tokenizer.json").is_file() else resolve_model_dir(base)
-    return hf.save_model(model, out, tokenizer_dir=tok)
+    base = base or base_of(adapter)
+    base_dir = resolve_model_dir(base)
+    out = Path(out)
+    if out.exists() and not force:
+        if not out.is_dir():
+            raise UserError(f"--out {out} is an existing file; choose a directory path (or --force)")
+        if out.resolve() in (base_dir.resolve(), d.resolve()):
+            what = "the base model" if out.resolve() == base_dir.resolve() else "the adapter"
+            raise UserError(f"--out {out} is {what} itself; choose another directory (or --force to replace it)")
+        if any(out.iterdir()):
+            raise UserError(f"--out {out} is not empty; choose a new directory (or --force to replace it)")
+    model = merged(hf.load_model(base_dir), d)
+    tok = d if (d / "tokenizer.json").is_file() else base_dir
+    with writing(out):
+        out.parent.mkdir(parents=True, exist_ok=True)
+        tmp = Path(tempfile.mkdtemp(prefix=f".tmp-{out.name}-", dir=out.parent))
+    with writing(out, cleanup=tmp):
+        tmp.chmod(0o755)
+        hf.save_model(model, tmp, tokenizer_dir=tok)
+    publish_dir(tmp, out)
+    return out

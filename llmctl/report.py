@@ -22,7 +22,7 @@ import os
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from llmctl.checkpoint import STEP_RE, resolve_model_dir
+from llmctl.checkpoint import STEP_RE, atomic_write, resolve_model_dir
 from llmctl.errors import UserError
 
 HEADLINE = {"ppl": ("ppl",), "bpb": ("bpb",), "mc": ("acc", "acc_norm"), "exact-match": ("exact_match",),
@@ -331,8 +331,6 @@ def write_report(model, report_dir) -> dict:
         for s in recipes:
             md += [f"<details><summary>{s.name} ({s.kind}): <code>{s.run_dir / 'config.yaml'}</code></summary>", "",
                    "```yaml", yaml.safe_dump(s.config, sort_keys=False).rstrip(), "```", "", "</details>", ""]
-    tmp = out / f".report.md.{os.getpid()}.tmp"
-    tmp.write_text("\n".join(md), encoding="utf-8")
-    os.replace(tmp, out / "report.md")
+    atomic_write(out / "report.md", "\n".join(md))
     return {"report": str(out / "report.md"), "png": str(png) if axes else None,
             "stages": [s.name for s in stages], "axes": axes}

@@ -28,7 +28,6 @@ what a plain step does).
 from __future__ import annotations
 
 import numpy as np
-from numpy.lib.stride_tricks import sliding_window_view
 
 # Longest draft per row in a batch. A batch's projections are compute-bound (tokens cost alike, drafted or not) and
 # its attention pads every row's run to the longest one, so short drafts pay best: measured on the benchmark's

@@ -56,7 +56,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import random
 import re
 import string
@@ -65,6 +64,7 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
+from llmctl.checkpoint import atomic_write
 from llmctl.errors import UserError
 
 Pair = tuple[str, str]
@@ -384,15 +384,6 @@ def _rows(items: Sequence[Item], kind: str) -> list[dict]:
     return [{"prompt": it.question, "chosen": it.answer, "rejected": it.rejected} for it in items]
 
 
-def _atomic_write(path: Path, text: str) -> None:
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    try:
-        with open(tmp, "w", encoding="utf-8", newline="\n") as f:
-            f.write(text)
-        os.replace(tmp, path)
-    finally:
-        if tmp.exists():
-            tmp.unlink()
 
 
 def write_tasks(out_dir, n_train: int = DEFAULT_N_TRAIN, n_test: int = DEFAULT_N_TEST, seed: int = 0,
@@ -405,7 +396,7 @@ def write_tasks(out_dir, n_train: int = DEFAULT_N_TRAIN, n_test: int = DEFAULT_N
     for kind in ("sft", "rl", "pref"):
         for split, items in (("train", train), ("test", test)):
             p = out / f"{kind}_{split}.jsonl"
-            _atomic_write(p, "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in _rows(items, kind)))
+            atomic_write(p, "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in _rows(items, kind)))
             paths[f"{kind}_{split}"] = p
     return paths
 

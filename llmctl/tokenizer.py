@@ -16,13 +16,13 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
 from functools import cached_property
 from pathlib import Path
 from typing import Iterable, Sequence
 
 import numpy as np
 
+from llmctl.checkpoint import atomic_write
 from llmctl.errors import UserError
 
 PAD, BOS, EOS, IM_START, IM_END = "<|pad|>", "<|bos|>", "<|eos|>", "<|im_start|>", "<|im_end|>"
@@ -178,7 +178,7 @@ class Tokenizer:
         """Write tokenizer.json, tokenizer_config.json and special_tokens_map.json into `out_dir`."""
         out_dir = Path(out_dir)
         out_dir.mkdir(parents=True, exist_ok=True)
-        _atomic_write(out_dir / "tokenizer.json", self.hf.to_str(pretty=True))
+        atomic_write(out_dir / "tokenizer.json", self.hf.to_str(pretty=True))
         names = {k: v for k, v in self.special_tokens_map.items() if k in ("bos_token", "eos_token", "pad_token")}
         max_len = model_max_length or self.config.get("model_max_length") or DEFAULT_MODEL_MAX_LENGTH
         config = {
@@ -193,8 +193,8 @@ class Tokenizer:
             config["chat_template"] = self.config["chat_template"]
         elif self.im_start_id is not None and self.im_end_id is not None:
             config["chat_template"] = CHAT_TEMPLATE
-        _atomic_write(out_dir / "tokenizer_config.json", json.dumps(config, indent=2, ensure_ascii=False) + "\n")
-        _atomic_write(out_dir / "special_tokens_map.json", json.dumps(names, indent=2, ensure_ascii=False) + "\n")
+        atomic_write(out_dir / "tokenizer_config.json", json.dumps(config, indent=2, ensure_ascii=False) + "\n")
+        atomic_write(out_dir / "special_tokens_map.json", json.dumps(names, indent=2, ensure_ascii=False) + "\n")
         self.path = out_dir / "tokenizer.json"
         self.config = config
         return out_dir
@@ -271,8 +271,3 @@ def load_tokenizer(path: str | Path) -> Tokenizer:
             raise UserError(f"{cfg_file}: expected a JSON object")
     return Tokenizer(hf, path=file, config=config)
 
-
-def _atomic_write(path: Path, text: str) -> None:
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    tmp.write_text(text, encoding="utf-8")
-    os.replace(tmp, path)

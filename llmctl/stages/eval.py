@@ -10,7 +10,7 @@ from pathlib import Path
 if not sys.stderr.isatty():  # before anything imports tqdm: lm-eval's progress bars only on a terminal
     os.environ.setdefault("TQDM_DISABLE", "1")
 
-import torch  # noqa: E402
+import torch  # noqa: E402,F401  (loaded before lm-eval)
 
 from llmctl import evaluate, hf  # noqa: E402
 from llmctl.checkpoint import resolve_model_dir  # noqa: E402
@@ -85,7 +85,9 @@ def run(model, task=None, data=(), harness=(), harness_include=None, num_fewshot
         raise UserError("--ref-model only applies to --task preference")
     if chat and task not in ("exact-match", "preference"):
         raise UserError("--chat only applies to --task exact-match and --task preference")
-    device = device or ("cuda" if torch.cuda.is_available() else "cpu")
+    from llmctl.dist import resolve_device
+
+    device = resolve_device(device)
     from llmctl.report import lineage as find_lineage, record_eval, write_report
 
     targets = [str(model)]

@@ -93,7 +93,9 @@ def load_engine(model_path, device: str | None = None, compile: bool = False, ad
     from llmctl.tokenizer import load_tokenizer
 
     d = resolve_model_dir(model_path)
-    dev = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    from llmctl.dist import resolve_device
+
+    dev = resolve_device(device)
     dtype = torch.bfloat16 if dev.type == "cuda" and torch.cuda.is_bf16_supported() else torch.float32
     tok = load_tokenizer(d)
     model = load_model(d, device=dev, dtype=dtype)

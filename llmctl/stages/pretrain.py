@@ -3,12 +3,12 @@
 from __future__ import annotations
 
 import sys
-from pathlib import Path
 
 import numpy as np
 import torch
 
 from llmctl import hf, loop
+from llmctl.checkpoint import find_resume
 from llmctl.data import TokenShards
 from llmctl.dist import Dist
 from llmctl.errors import UserError
@@ -94,7 +94,7 @@ def run(recipe) -> dict:
                             f"(hash {str(ds.meta.get('tokenizer_hash'))[:12]} vs {tok.hash()[:12]}); "
                             "re-run `llmctl tokenize encode` with this tokenizer")
     cfg = model_config(recipe, tok)
-    resume = loop.find_resume(recipe.out_dir)
+    resume = find_resume(recipe.out_dir)
     if resume is not None:
         model = hf.load_model(resume)
         if model.config != cfg:

@@ -10,12 +10,13 @@ from __future__ import annotations
 import torch
 
 from llmctl import loop
+from llmctl.checkpoint import find_resume
 from llmctl.dist import Dist
 
 
 def run(recipe) -> dict:
     dist = Dist(recipe.train.precision, seed=recipe.seed)
-    resume = loop.find_resume(recipe.out_dir)
+    resume = find_resume(recipe.out_dir)
     torch.manual_seed(recipe.seed)
     if recipe.method in ("reward", "dpo"):
         from llmctl import preference as impl

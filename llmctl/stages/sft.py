@@ -13,7 +13,7 @@ import sys
 import torch
 
 from llmctl import evaluate, loop, sftdata
-from llmctl.checkpoint import resolve_model_dir
+from llmctl.checkpoint import find_resume, resolve_model_dir
 from llmctl.dist import Dist
 from llmctl.errors import UserError
 from llmctl.policy import Policy
@@ -59,7 +59,7 @@ def make_evaluate(recipe, tok, block_size: int, dist: Dist):
 
 def run(recipe, lora: bool = False) -> dict:
     dist = Dist(recipe.train.precision, seed=recipe.seed)
-    resume = loop.find_resume(recipe.out_dir)
+    resume = find_resume(recipe.out_dir)
     torch.manual_seed(recipe.seed)  # the LoRA initialisation
     policy = Policy(recipe.init_from, recipe.lora if lora else None, resume)
     model, tok = policy.model, policy.tok
