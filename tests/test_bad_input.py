@@ -44,7 +44,13 @@ class World:
     run: Path  # a pretrain run directory with checkpoints step-0000001 and step-0000002
     corpus: Path
     sft: Path  # SFT JSONL
+    adapter: Path = None  # a lora run directory (1 step) on `model`
+    mounts: Optional[tuple] = None  # (read-only fs, small tmpfs) when this process may mount
     tmp: Path = None
+
+    @property
+    def adapter_dir(self) -> Path:
+        return self.adapter / "checkpoints/step-0000001"
 
     @property
     def model(self) -> Path:
@@ -99,6 +105,9 @@ def world(tmp_path_factory) -> World:
 
     w.sft.write_text("".join(json.dumps({"prompt": f"Q{i}: what is {i}+1?", "completion": f" {i + 1}"}) + "\n"
                              for i in range(16)))
+    w.adapter = d / "lora"
+    r = run_llmctl(*w.sft_args("lora", w.adapter, "train.max_steps=1"))
+    assert r.returncode == 0, r.stderr.decode()
     return w
 
 
@@ -110,15 +119,137 @@ def _load_cases() -> list[Case]:
 
 # --------------------------------------------------------------------------------------- commands, faults
 
-CASES: list[Case] = []
+
+def _mount_tmpfs(path: Path, size: str, ro: bool = False) -> bool:
+    path.mkdir(parents=True, exist_ok=True)
+    opts = f"size={size}" + (",ro" if ro else "")
+    return subprocess.run(["mount", "-t", "tmpfs", "-o", opts, "tmpfs", str(path)], capture_output=True).returncode == 0
+
+
+@pytest.fixture(scope="session")
+def mounts(tmp_path_factory):
+    """A read-only file system and a scratch tmpfs (root only; else the cases that need them are skipped)."""
+    d = tmp_path_factory.mktemp("mounts")
+    ro, small = d / "ro", d / "small"
+    ok = os.geteuid() == 0 and _mount_tmpfs(ro, "1m", ro=True) and _mount_tmpfs(small, "8m")
+    yield (ro, small) if ok else None
+    for m in (ro, small):
+        subprocess.run(["umount", "-l", str(m)], capture_output=True)
+
+
+def _ro(w: World) -> Path:
+    if w.mounts is None:
+        pytest.skip("needs root to mount a read-only tmpfs")
+    return w.mounts[0]
+
+
+def _copy_model(w: World, name: str) -> Path:
+    import shutil
+
+    dst = w.tmp / name
+    shutil.copytree(w.model, dst)
+    return dst
+
+
+def _nan_model(w: World) -> Path:
+    from safetensors.torch import load_file, save_file
+
+    d = _copy_model(w, "nan-model")
+    t = load_file(str(d / "model.safetensors"))
+    k = next(k for k in t if k.endswith("mlp.down_proj.weight"))
+    t[k][0, 0] = float("nan")
+    save_file(t, str(d / "model.safetensors"), metadata={"format": "pt"})
+    return d
+
+
+def _truncated_model(w: World) -> Path:
+    d = _copy_model(w, "cut-model")
+    f = d / "model.safetensors"
+    f.write_bytes(f.read_bytes()[: f.stat().st_size // 2])
+    return d
+
+
+def _pickled_adapter(w: World) -> Path:
+    import shutil
+
+    d = w.tmp / "pickled"
+    shutil.copytree(w.adapter_dir, d)
+    (d / "adapter_model.safetensors").rename(d / "adapter_model.bin")
+    return d
+
+
+def _damaged_run(w: World, *files: str) -> Path:
+    """A copy of the pretrain run whose checkpoints all have `files` damaged."""
+    import shutil
+
+    run = w.tmp / "run"
+    shutil.copytree(w.run, run)
+    for ck in (run / "checkpoints").iterdir():
+        for name in files:
+            (ck / name).write_bytes(b"\x00garbage")
+    return run
+
+
+def _a_file(w: World) -> Path:
+    f = w.tmp / "a-file"
+    f.write_text("I am a file\n")
+    return f
+
+
+def _gen(w: World, *extra) -> list:
+    return ["generate", "--model", w.model, "--max-new-tokens", 2, "--temperature", 0, *extra]
+
+
+CASES: list[Case] = [
+    # OS-level faults: one error line naming the path, exit 2
+    Case("pretrain-out-dir-is-a-file", lambda w: w.pretrain_args(_a_file(w), "train.max_steps=1"), "a-file"),
+    Case("pretrain-out-dir-under-a-file", lambda w: w.pretrain_args(_a_file(w) / "run", "train.max_steps=1"),
+         "a-file"),
+    Case("pretrain-read-only-fs", lambda w: w.pretrain_args(_ro(w) / "run", "train.max_steps=1"), "read-only"),
+    Case("tokenize-train-read-only-fs", lambda w: ["tokenize", "train", w.corpus, "--vocab-size", 300, "--out",
+                                                   _ro(w) / "tok"], "read-only"),
+    Case("tokenize-encode-read-only-fs", lambda w: ["tokenize", "encode", w.corpus, "--tokenizer", w.tok, "--out",
+                                                    _ro(w) / "shards"], "read-only"),
+    Case("tasks-read-only-fs", lambda w: ["tasks", "--out", _ro(w) / "tasks", "--n-train", 5, "--n-test", 5],
+         "read-only"),
+    Case("lora-merge-read-only-fs", lambda w: ["lora", "merge", w.adapter_dir, "--out", _ro(w) / "merged"],
+         "read-only"),
+    Case("sft-read-only-fs", lambda w: w.sft_args("sft", _ro(w) / "sft", "train.max_steps=1"), "read-only"),
+    # lora merge never overwrites what is there unless asked
+    Case("lora-merge-into-non-empty-dir", lambda w: ["lora", "merge", w.adapter_dir, "--out", w.run], "not empty"),
+    Case("lora-merge-into-its-base", lambda w: ["lora", "merge", w.adapter_dir, "--out", w.model], "base model"),
+    Case("lora-merge-onto-a-file", lambda w: ["lora", "merge", w.adapter_dir, "--out", _a_file(w)], "file"),
+    Case("lora-merge-missing-adapter", lambda w: ["lora", "merge", w.tmp / "nope", "--out", w.tmp / "m"], "nope"),
+    # adapters and devices
+    Case("adapter-is-a-pretrain-run", lambda w: _gen(w, "--adapter", w.run, "hi"), "not a LoRA adapter"),
+    Case("adapter-is-a-model-dir", lambda w: _gen(w, "--adapter", w.model, "hi"), "not a LoRA adapter"),
+    Case("adapter-pickled-bin", lambda w: _gen(w, "--adapter", _pickled_adapter(w), "hi"), "pickled"),
+    Case("generate-device-cuda-absent", lambda w: _gen(w, "--device", "cuda", "hi"), "cuda"),
+    Case("generate-device-unknown", lambda w: _gen(w, "--device", "tpu9", "hi"), "tpu9"),
+    Case("eval-device-cuda-absent", lambda w: ["eval", "--model", w.model, "--task", "ppl", "--data", w.corpus,
+                                               "--device", "cuda:0", "--limit", 2], "cuda"),
+    # damaged or non-finite models
+    Case("generate-nan-weights", lambda w: _gen(w, "--model", _nan_model(w), "hi"), "non-finite"),
+    Case("sft-init-from-nan-weights", lambda w: w.sft_args("sft", w.tmp / "o", "train.max_steps=1",
+                                                          f"init_from={_nan_model(w)}"), "non-finite"),
+    Case("generate-truncated-safetensors", lambda w: _gen(w, "--model", _truncated_model(w), "hi"), "cannot read"),
+    Case("sft-diverges-stops", lambda w: w.sft_args("sft", w.tmp / "o", "train.max_steps=12", "train.max_bad_steps=3",
+                                                   "optim.lr=1e30", "optim.warmup_steps=0"), "non-finite",
+         after=lambda w, r: b"3 steps in a row" in r.stderr),
+    # a run whose every checkpoint is damaged is not silently restarted
+    Case("resume-all-checkpoints-damaged", lambda w: w.pretrain_args(_damaged_run(w, "optimizer.pt"),
+                                                                      "train.max_steps=3"), "no checkpoint"),
+    Case("resume-damaged-trainer-state", lambda w: w.pretrain_args(_damaged_run(w, "trainer_state.json"),
+                                                                    "train.max_steps=3"), "trainer_state.json"),
+]
 
 
 # --------------------------------------------------------------------------------------- the harness
 
 
 @pytest.mark.parametrize("case", _load_cases(), ids=lambda c: c.id)
-def test_bad_input(case: Case, world: World, tmp_path):
-    world.tmp = tmp_path
+def test_bad_input(case: Case, world: World, mounts, tmp_path):
+    world.tmp, world.mounts = tmp_path, mounts
     before = _digest(world.root)
     argv = case.argv(world)
     stdin = case.stdin(world) if case.stdin else None
@@ -129,9 +260,10 @@ def test_bad_input(case: Case, world: World, tmp_path):
     errors = [line for line in err.splitlines() if line.startswith("error:")]
     assert len(errors) == 1, f"expected one error: line, got {errors}; stderr:\n{err[-3000:]}"
     assert case.needle.lower() in errors[0].lower(), errors[0]
+    print(f"{case.id}: {errors[0]}")  # shown with -s
     assert _digest(world.root) == before, "an earlier output changed"
     if case.after is not None:
-        case.after(world, r)
+        assert case.after(world, r) is not False, err[-3000:]
 
 
 def test_at_least_thirty_cases():
