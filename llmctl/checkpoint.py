@@ -71,7 +71,7 @@ def resolve_model_dir(path: str | Path, need: str = "config.json") -> Path:
 _HINTS = {
     errno.ENOSPC: "free some space or choose another directory",
     errno.EDQUOT: "free some space or choose another directory",
-    errno.EROFS: "the file system is read-only; choose another directory",
+    errno.EROFS: "choose a directory on a writable file system",
     errno.EACCES: "check the permissions, or choose another directory",
     errno.EPERM: "check the permissions, or choose another directory",
     errno.EEXIST: "it is in the way; remove it or choose another path",

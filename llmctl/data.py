@@ -390,7 +390,10 @@ def encode_corpus(specs: list[str], tokenizer, out_dir, val_fraction: float = 0.
     dtype = np.uint16 if tokenizer.vocab_size <= 2**16 else np.uint32
     out.parent.mkdir(parents=True, exist_ok=True)
     remove_stale(out.parent, f".{out.name}.tmp-")  # a killed earlier run's half-written shards
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-{os.getpid()}-", dir=out.parent))
+    from llmctl.checkpoint import writing
+
+    with writing(out):
+        tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-{os.getpid()}-", dir=out.parent))
     try:
         umask = os.umask(0)
         os.umask(umask)

@@ -268,3 +268,166 @@ def test_bad_input(case: Case, world: World, mounts, tmp_path):
 
 def test_at_least_thirty_cases():
     assert len({c.id for c in _load_cases()}) >= 30
+
+
+# --------------------------------------------------------------------------------------- faults mid-run
+
+
+def _fill(mount: Path, leave: int) -> None:
+    """Fill the file system at `mount` until `leave` bytes stay free."""
+    st = os.statvfs(mount)
+    free = st.f_bavail * st.f_frsize
+    with open(mount / "filler", "wb") as f:
+        f.write(b"\0" * max(0, free - leave))
+
+
+@pytest.mark.parametrize("victim", ["model.safetensors", "optimizer.pt"])
+def test_full_disk_while_saving_keeps_the_earlier_checkpoint(world, mounts, victim):
+    """ENOSPC while writing a checkpoint file: one error line naming it, exit 2, no temporary step directory left,
+    and the earlier checkpoint untouched (byte for byte) and loading in transformers with the same logits."""
+    if mounts is None:
+        pytest.skip("needs root to mount a small tmpfs")
+    import shutil
+
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    small = mounts[1]
+    for p in small.iterdir():
+        shutil.rmtree(p) if p.is_dir() else p.unlink()
+    run = small / "run"
+    r = run_llmctl(*world.pretrain_args(run, "train.max_steps=1"))
+    assert r.returncode == 0, r.stderr.decode()
+    step1 = run / "checkpoints/step-0000001"
+    before = _digest(step1)
+    x = torch.tensor([[1, 5, 9, 42, 7]])
+    ref = AutoModelForCausalLM.from_pretrained(step1).eval()(x).logits
+    sizes = {p.name: p.stat().st_size for p in step1.iterdir()}
+    leave = sizes["model.safetensors"] // 2 if victim == "model.safetensors" else \
+        sizes["model.safetensors"] + sizes["optimizer.pt"] // 2 + 64 * 1024
+    _fill(small, leave)
+    r = run_llmctl(*world.pretrain_args(run, "train.max_steps=2"))
+    err = r.stderr.decode()
+    assert r.returncode == 2 and "Traceback" not in err, err[-3000:]
+    errors = [line for line in err.splitlines() if line.startswith("error:")]
+    assert len(errors) == 1 and "No space left on device" in errors[0], errors
+    assert victim in errors[0] or "step-0000002" in errors[0], errors[0]
+    assert [p.name for p in (run / "checkpoints").iterdir()] == ["step-0000001"]
+    assert _digest(step1) == before
+    (small / "filler").unlink()
+    got = AutoModelForCausalLM.from_pretrained(step1).eval()(x).logits
+    assert torch.equal(got, ref)
+    # with room again, the same command resumes from step 1 and completes
+    r = run_llmctl(*world.pretrain_args(run, "train.max_steps=2"))
+    assert r.returncode == 0 and (run / "checkpoints/step-0000002").is_dir(), r.stderr.decode()[-2000:]
+
+
+@pytest.mark.parametrize("how", ["closed", "reader-gone"])
+def test_closed_stderr_does_not_stop_training(world, tmp_path, how):
+    """`llmctl pretrain ... 2>&-` and `... 2>&1 >/dev/null | head -1`: the run trains to max_steps, exit 0, and its
+    checkpoints load."""
+    from llmctl.hf import load_model
+
+    out = tmp_path / "run"
+    argv = [sys.executable, "-m", "llmctl", *map(str, world.pretrain_args(out, "train.max_steps=6",
+                                                                         "train.save_every=3"))]
+    if how == "closed":
+        code = subprocess.run(argv, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=None, cwd=ROOT,
+                              pass_fds=(), preexec_fn=lambda: os.close(2)).returncode
+    else:
+        p = subprocess.Popen(argv, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, cwd=ROOT)
+        p.stderr.readline()  # like `head -1`
+        p.stderr.close()
+        code = p.wait(timeout=300)
+    assert code == 0
+    steps = sorted(p.name for p in (out / "checkpoints").iterdir())
+    assert steps == ["step-0000003", "step-0000006"]
+    for s in steps:
+        load_model(out / "checkpoints" / s)
+
+
+@pytest.mark.parametrize("damage", ["trainer_state.json", "optimizer.pt", "rng.pt", "model.safetensors"])
+def test_damaged_newest_checkpoint_resumes_from_the_one_before(world, tmp_path, damage):
+    import shutil
+
+    run = tmp_path / "run"
+    shutil.copytree(world.run, run)
+    f = run / "checkpoints/step-0000002" / damage
+    f.write_bytes(f.read_bytes()[: max(1, f.stat().st_size // 3)])
+    r = run_llmctl(*world.pretrain_args(run, "train.max_steps=3"))
+    err = r.stderr.decode()
+    assert r.returncode == 0, err[-3000:]
+    warn = [line for line in err.splitlines() if line.startswith("warning:")]
+    assert len(warn) == 1 and "step-0000002" in warn[0] and damage in warn[0] and "step-0000001" in warn[0], warn
+    assert "resuming from" in err and "step-0000001" in err
+    assert (run / "checkpoints/step-0000003").is_dir()
+
+
+def test_pruning_leftovers_and_killed_scratch_are_cleaned(world, tmp_path):
+    """A kill mid-prune leaves `.del-step-*` (never taken for a checkpoint); a killed `tokenize encode` leaves its
+    scratch folders (named by its pid): the next run removes both."""
+    import shutil
+    import tempfile
+
+    from llmctl.checkpoint import latest_checkpoint, list_checkpoints
+
+    run = tmp_path / "run"
+    shutil.copytree(world.run, run)
+    half = run / "checkpoints/.del-step-0000009"
+    shutil.copytree(run / "checkpoints/step-0000002", half)
+    (half / "model.safetensors").unlink()
+    assert [s for s, _ in list_checkpoints(run)] == [1, 2] and latest_checkpoint(run).name == "step-0000002"
+    r = run_llmctl(*world.pretrain_args(run, "train.max_steps=3", "train.keep_last=2"))
+    assert r.returncode == 0, r.stderr.decode()[-2000:]
+    assert sorted(p.name for p in (run / "checkpoints").iterdir()) == ["step-0000002", "step-0000003"]
+
+    dead = 2**22 + 12345  # above the default pid_max, so no live process has it
+    scratch = Path(tempfile.gettempdir()) / f"llmctl-datasets-{dead}-abc"
+    shards_tmp = tmp_path / f".shards.tmp-{dead}-xyz"
+    for d in (scratch, shards_tmp):
+        d.mkdir()
+        (d / "part").write_bytes(b"x" * 100)
+    r = run_llmctl("tokenize", "encode", world.corpus, "--tokenizer", world.tok, "--out", tmp_path / "shards")
+    assert r.returncode == 0, r.stderr.decode()[-2000:]
+    assert not scratch.exists() and not shards_tmp.exists()
+    assert not list(Path(tempfile.gettempdir()).glob(f"llmctl-datasets-{dead}-*"))
+
+
+def test_diverged_run_stops_and_the_last_good_checkpoint_loads(tmp_path):
+    """Steps 1-2 are finite; from step 3 every loss is NaN: after train.max_bad_steps skipped steps in a row the
+    run stops with a UserError naming the last checkpoint, which loads with the last good (step-2) weights."""
+    import math
+
+    import torch
+
+    from llmctl import hf, loop
+    from llmctl.config import PretrainRecipe, load_recipe
+    from llmctl.dist import Dist
+    from llmctl.errors import UserError
+    from llmctl.model import ModelConfig, Transformer
+
+    recipe = load_recipe(ROOT / "recipes/tiny/pretrain.yaml",
+                         [f"out_dir={tmp_path / 'run'}", *TINY, "train.max_steps=20", "train.save_every=1",
+                          "train.keep_last=0", "train.max_bad_steps=4"], PretrainRecipe)
+    torch.manual_seed(0)
+    model = Transformer(ModelConfig(arch="llama", vocab_size=64, n_layer=1, n_head=2, n_embd=32, block_size=16))
+    x = torch.randint(0, 64, (2, 16))
+    calls = []
+
+    def loss(m, b):
+        calls.append(1)
+        out = m(b["idx"], b["targets"])
+        return out if len(calls) <= 2 else out * math.nan
+
+    task = loop.Task(model=model, batches=lambda step: [{"idx": x, "targets": x}], loss=loss,
+                     count=lambda b: b["targets"].numel(), save_model=lambda m, d: hf.save_model(m, d))
+    with pytest.raises(UserError, match="4 steps in a row") as e:
+        loop.train(recipe, task, Dist("fp32"))
+    # steps 3-5 were skipped (their checkpoints hold the step-2 weights); step 6 was the 4th bad one: not saved
+    assert "step-0000005, is intact" in str(e.value)
+    cks = sorted(p.name for p in (tmp_path / "run/checkpoints").iterdir())
+    assert cks == [f"step-{i:07d}" for i in range(1, 6)]
+    back = hf.load_model(tmp_path / "run")
+    two = hf.load_model(tmp_path / "run/checkpoints/step-0000002")
+    assert all(torch.equal(a, b) for a, b in zip(back.state_dict().values(), two.state_dict().values()))
+    assert all(torch.equal(a, b) for a, b in zip(back.state_dict().values(), model.state_dict().values()))
