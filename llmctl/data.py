@@ -8,7 +8,8 @@ Corpus specs (`read_corpus`), each giving documents in order:
 - a directory: every file with one of those extensions below it, recursively, in sorted path order;
 - a glob (`data/*.jsonl`, `**` allowed): its matches, sorted;
 - `-`: stdin, read as a .txt file;  `builtin`: the built-in corpus (`llmctl.builtin`).
-Empty documents are dropped. Problems are UserErrors naming the file (and line, for JSONL).
+Empty documents are dropped. Problems are UserErrors naming the file (and the line, for JSONL and for text that
+is not UTF-8: `FILE:LINE: not UTF-8`).
 
 Token shards (`encode_corpus` writes them, `TokenShards` reads them): a directory with
 - `train_00000.bin`, `train_00001.bin`, ... and `val_00000.bin`, ...: raw little-endian token ids (uint16 when the
@@ -122,10 +123,82 @@ def _iter_txt(path: str, name: str):
                 elif para:
                     yield "".join(para).rstrip("\r\n")
                     para = []
-    except UnicodeDecodeError as e:
-        raise UserError(f"{name}: not UTF-8 text ({e})") from None
+    except UnicodeDecodeError:
+        raise not_utf8(path, name) from None
     if para:
         yield "".join(para).rstrip("\r\n")
+
+
+def not_utf8(path: str, name: str) -> UserError:
+    """`NAME:LINE: not UTF-8` for a file that failed to decode (the line found by decoding it again, line by line)."""
+    opener = gzip.open if str(path).endswith(".gz") else open
+    try:
+        with opener(path, "rb") as f:
+            for lineno, raw in enumerate(f, 1):
+                decode_line(raw, f"{name}:{lineno}")
+    except UserError as e:
+        return e
+    except (OSError, EOFError):
+        pass
+    return UserError(f"{name}: not UTF-8")
+
+
+def decode_line(raw: bytes, where: str) -> str:
+    """A line of bytes as UTF-8 text; anything else is a UserError `WHERE: not UTF-8 (...)`."""
+    try:
+        return raw.decode("utf-8")
+    except UnicodeDecodeError as e:
+        raise UserError(f"{where}: not UTF-8 (byte 0x{raw[e.start]:02x} at byte {e.start + 1} of the line)") from None
+
+
+_SURROGATE_ESCAPE = re.compile(r"\\u[dD][89a-fA-F]")
+
+
+def check_unicode(value, where: str, escapes: bool = False):
+    """`value` (a string, or JSON made of them), unless it holds a lone surrogate: text that is not Unicode, as
+    Python decodes undecodable command-line bytes (U+DC80..U+DCFF) or JSON (`escapes`) an unpaired \\udXXX."""
+    if isinstance(value, str):
+        try:
+            value.encode("utf-8")
+        except UnicodeEncodeError as e:
+            c = ord(value[e.start])
+            if escapes:
+                what = f"an unpaired surrogate escape \\u{c:04x}"
+            else:
+                what = f"byte 0x{c - 0xDC00:02x}" if 0xDC80 <= c <= 0xDCFF else f"unpaired surrogate U+{c:04X}"
+            raise UserError(f"{where}: not UTF-8 ({what})") from None
+    elif isinstance(value, dict):
+        for k, v in value.items():
+            check_unicode(k, where, escapes)
+            check_unicode(v, where, escapes)
+    elif isinstance(value, list):
+        for v in value:
+            check_unicode(v, where, escapes)
+    return value
+
+
+def parse_json_line(line: str, where: str):
+    """One JSON value from a line of JSONL; invalid JSON and lone-surrogate escapes are UserErrors at `where`."""
+    try:
+        value = json.loads(line)
+    except ValueError as e:
+        raise UserError(f"{where}: invalid JSON ({e})") from None
+    if _SURROGATE_ESCAPE.search(line):  # cheap: only lines with such an escape are walked
+        check_unicode(value, where, escapes=True)
+    return value
+
+
+def text_lines(stream, name: str = "stdin") -> Iterator[tuple[int, str]]:
+    """(line number, line with its newline) of a text stream such as sys.stdin, strictly UTF-8: the bytes are
+    decoded here (sys.stdin would turn bad ones into lone surrogates, or fail without a line number), so a bad
+    line is `NAME:LINE: not UTF-8`."""
+    raw = getattr(stream, "buffer", None)
+    if raw is not None:
+        for lineno, line in enumerate(raw, 1):
+            yield lineno, decode_line(line, f"{name}:{lineno}")
+    else:
+        for lineno, line in enumerate(stream, 1):
+            yield lineno, check_unicode(line, f"{name}:{lineno}")
 
 
 def iter_jsonl(path) -> Iterator[tuple[int, object]]:
@@ -138,13 +211,9 @@ def iter_jsonl(path) -> Iterator[tuple[int, object]]:
             for lineno, line in enumerate(f, 1):
                 if not line.strip():
                     continue
-                try:
-                    row = json.loads(line)
-                except ValueError as e:
-                    raise UserError(f"{path}:{lineno}: invalid JSON ({e})") from None
-                yield lineno, row
-    except UnicodeDecodeError as e:
-        raise UserError(f"{path}: not UTF-8 text ({e})") from None
+                yield lineno, parse_json_line(line, f"{path}:{lineno}")
+    except UnicodeDecodeError:
+        raise not_utf8(path, path) from None
     except (OSError, EOFError) as e:  # e.g. a corrupt .gz
         raise UserError(f"{path}: cannot read ({e})") from None
 

@@ -254,3 +254,35 @@ def test_large_vocab_uses_uint32(tok, tmp_path):
     assert (tmp_path / "out" / "train_00000.bin").stat().st_size == 4 * len(ds)
     ids = ds.read(0, len(ds))
     assert ids.tolist() == [i for d in DOCS for i in [tok.bos_id, *tok.encode(d), tok.eos_id]]
+
+
+# ----------------------------------------------------------------------------------------------- bad bytes, bad shards
+
+
+def test_text_that_is_not_utf8_names_file_and_line(tmp_path):
+    (tmp_path / "a.txt").write_bytes(b"one\n\ntwo\nthr\xe9e\n")
+    with pytest.raises(UserError, match=r"a\.txt:4: not UTF-8 \(byte 0xe9"):
+        read_corpus([str(tmp_path / "a.txt")])
+    (tmp_path / "b.jsonl").write_bytes(b'{"text": "ok"}\n{"text": "caf\xe9"}\n')
+    with pytest.raises(UserError, match=r"b\.jsonl:2: not UTF-8"):
+        list(data.iter_jsonl(tmp_path / "b.jsonl"))
+    with gzip.open(tmp_path / "c.jsonl.gz", "wb") as f:
+        f.write(b'\n{"text": "ok"}\n\xff\n')
+    with pytest.raises(UserError, match=r"c\.jsonl\.gz:3: not UTF-8"):
+        list(data.iter_jsonl(tmp_path / "c.jsonl.gz"))
+    # an unpaired surrogate escape is not text either; a pair is
+    (tmp_path / "d.jsonl").write_text('{"text": "\\ud83d\\ude00"}\n{"text": "\\udcff"}\n')
+    rows = data.iter_jsonl(tmp_path / "d.jsonl")
+    assert next(rows) == (1, {"text": "\U0001f600"})
+    with pytest.raises(UserError, match=r"d\.jsonl:2: not UTF-8 \(an unpaired surrogate escape \\udcff\)"):
+        next(rows)
+
+
+def test_text_lines_decode_strictly():
+    stream = io.TextIOWrapper(io.BytesIO(b"a\r\nb\n\xff\n"))
+    lines = data.text_lines(stream)
+    assert next(lines) == (1, "a\r\n") and next(lines) == (2, "b\n")
+    with pytest.raises(UserError, match=r"^stdin:3: not UTF-8 \(byte 0xff"):
+        next(lines)
+    with pytest.raises(UserError, match=r"^stdin:2: not UTF-8 \(byte 0xe9\)"):
+        list(data.text_lines(io.StringIO("ok\ncaf\udce9\n")))  # a text stream holding surrogate escapes
