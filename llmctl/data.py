@@ -8,7 +8,8 @@ Corpus specs (`read_corpus`), each giving documents in order:
 - a directory: every file with one of those extensions below it, recursively, in sorted path order;
 - a glob (`data/*.jsonl`, `**` allowed): its matches, sorted;
 - `-`: stdin, read as a .txt file;  `builtin`: the built-in corpus (`llmctl.builtin`).
-Empty documents are dropped. Problems are UserErrors naming the file (and line, for JSONL).
+Empty documents are dropped. Problems are UserErrors naming the file (and the line, for JSONL and for text that
+is not UTF-8: `FILE:LINE: not UTF-8`).
 
 Token shards (`encode_corpus` writes them, `TokenShards` reads them): a directory with
 - `train_00000.bin`, `train_00001.bin`, ... and `val_00000.bin`, ...: raw little-endian token ids (uint16 when the
@@ -17,6 +18,8 @@ Token shards (`encode_corpus` writes them, `TokenShards` reads them): a director
 - `meta.json`: `format`, `version`, `dtype`, `vocab_size`, `tokenizer_hash`, `bos_id`, `eos_id`, `token_bytes`,
   `documents`, `val_fraction`, `seed`, `max_shard_tokens`, `corpus`, and `splits` = {"train": S, "val": S} with
   S = {`shards`: [file names], `shard_tokens`: [ids per shard], `tokens`, `documents`, `text_bytes`}.
+`TokenShards` checks what it reads -- meta.json's keys and types, the shard names and sizes, and every token id
+against `vocab_size` -- so damaged or mismatched shards are one UserError before any training starts.
 """
 
 from __future__ import annotations
@@ -148,10 +151,82 @@ def _iter_txt(path: str, name: str):
                 elif para:
                     yield "".join(para).rstrip("\r\n")
                     para = []
-    except UnicodeDecodeError as e:
-        raise UserError(f"{name}: not UTF-8 text ({e})") from None
+    except UnicodeDecodeError:
+        raise not_utf8(path, name) from None
     if para:
         yield "".join(para).rstrip("\r\n")
+
+
+def not_utf8(path: str, name: str) -> UserError:
+    """`NAME:LINE: not UTF-8` for a file that failed to decode (the line found by decoding it again, line by line)."""
+    opener = gzip.open if str(path).endswith(".gz") else open
+    try:
+        with opener(path, "rb") as f:
+            for lineno, raw in enumerate(f, 1):
+                decode_line(raw, f"{name}:{lineno}")
+    except UserError as e:
+        return e
+    except (OSError, EOFError):
+        pass
+    return UserError(f"{name}: not UTF-8")
+
+
+def decode_line(raw: bytes, where: str) -> str:
+    """A line of bytes as UTF-8 text; anything else is a UserError `WHERE: not UTF-8 (...)`."""
+    try:
+        return raw.decode("utf-8")
+    except UnicodeDecodeError as e:
+        raise UserError(f"{where}: not UTF-8 (byte 0x{raw[e.start]:02x} at byte {e.start + 1} of the line)") from None
+
+
+_SURROGATE_ESCAPE = re.compile(r"\\u[dD][89a-fA-F]")
+
+
+def check_unicode(value, where: str, escapes: bool = False):
+    """`value` (a string, or JSON made of them), unless it holds a lone surrogate: text that is not Unicode, as
+    Python decodes undecodable command-line bytes (U+DC80..U+DCFF) or JSON (`escapes`) an unpaired \\udXXX."""
+    if isinstance(value, str):
+        try:
+            value.encode("utf-8")
+        except UnicodeEncodeError as e:
+            c = ord(value[e.start])
+            if escapes:
+                what = f"an unpaired surrogate escape \\u{c:04x}"
+            else:
+                what = f"byte 0x{c - 0xDC00:02x}" if 0xDC80 <= c <= 0xDCFF else f"unpaired surrogate U+{c:04X}"
+            raise UserError(f"{where}: not UTF-8 ({what})") from None
+    elif isinstance(value, dict):
+        for k, v in value.items():
+            check_unicode(k, where, escapes)
+            check_unicode(v, where, escapes)
+    elif isinstance(value, list):
+        for v in value:
+            check_unicode(v, where, escapes)
+    return value
+
+
+def parse_json_line(line: str, where: str):
+    """One JSON value from a line of JSONL; invalid JSON and lone-surrogate escapes are UserErrors at `where`."""
+    try:
+        value = json.loads(line)
+    except ValueError as e:
+        raise UserError(f"{where}: invalid JSON ({e})") from None
+    if _SURROGATE_ESCAPE.search(line):  # cheap: only lines with such an escape are walked
+        check_unicode(value, where, escapes=True)
+    return value
+
+
+def text_lines(stream, name: str = "stdin") -> Iterator[tuple[int, str]]:
+    """(line number, line with its newline) of a text stream such as sys.stdin, strictly UTF-8: the bytes are
+    decoded here (sys.stdin would turn bad ones into lone surrogates, or fail without a line number), so a bad
+    line is `NAME:LINE: not UTF-8`."""
+    raw = getattr(stream, "buffer", None)
+    if raw is not None:
+        for lineno, line in enumerate(raw, 1):
+            yield lineno, decode_line(line, f"{name}:{lineno}")
+    else:
+        for lineno, line in enumerate(stream, 1):
+            yield lineno, check_unicode(line, f"{name}:{lineno}")
 
 
 def iter_jsonl(path) -> Iterator[tuple[int, object]]:
@@ -164,13 +239,9 @@ def iter_jsonl(path) -> Iterator[tuple[int, object]]:
             for lineno, line in enumerate(f, 1):
                 if not line.strip():
                     continue
-                try:
-                    row = json.loads(line)
-                except ValueError as e:
-                    raise UserError(f"{path}:{lineno}: invalid JSON ({e})") from None
-                yield lineno, row
-    except UnicodeDecodeError as e:
-        raise UserError(f"{path}: not UTF-8 text ({e})") from None
+                yield lineno, parse_json_line(line, f"{path}:{lineno}")
+    except UnicodeDecodeError:
+        raise not_utf8(path, path) from None
     except (OSError, EOFError) as e:  # e.g. a corrupt .gz
         raise UserError(f"{path}: cannot read ({e})") from None
 
@@ -442,13 +513,63 @@ def _progress(total: int):
 # ----------------------------------------------------------------------------------------------- reading shards
 
 
+class NoSplit(UserError):
+    """A token-shard directory without the split asked for."""
+
+
+def _check_meta(meta: dict, meta_file: Path) -> dict:
+    """The `splits` of a token-shard meta.json after checking every key a reader relies on (types included):
+    a damaged or hand-made meta.json is one clear error, not a crash later."""
+
+    def bad(key: str, want: str):
+        value = meta
+        for part in key.split("."):
+            value = value.get(part, "<missing>") if isinstance(value, dict) else "<missing>"
+        shown = value if value == "<missing>" else json.dumps(value)[:60]
+        return UserError(f"{meta_file}: invalid token-shard meta: '{key}' must be {want}, got {shown}")
+
+    def is_int(v, lo=0):
+        return isinstance(v, int) and not isinstance(v, bool) and v >= lo
+
+    if meta.get("dtype") not in ("uint16", "uint32"):
+        raise bad("dtype", '"uint16" or "uint32"')
+    if not is_int(meta.get("vocab_size"), 1):
+        raise bad("vocab_size", "a positive integer")
+    if meta["dtype"] == "uint16" and meta["vocab_size"] > 2**16:
+        raise bad("dtype", f"uint32 for a vocabulary of {meta['vocab_size']}")
+    tb = meta.get("token_bytes")
+    if not isinstance(tb, list) or not all(is_int(b) for b in tb):
+        raise bad("token_bytes", "a list of non-negative integers (UTF-8 bytes per token)")
+    for key in ("bos_id", "eos_id"):
+        if key in meta and meta[key] is not None and not is_int(meta[key]):
+            raise bad(key, "a token id")
+    if "tokenizer_hash" in meta and not isinstance(meta["tokenizer_hash"], str):
+        raise bad("tokenizer_hash", "a string")
+    splits = meta.get("splits")
+    if not isinstance(splits, dict):
+        raise bad("splits", 'an object {"train": ..., "val": ...}')
+    for name, split in splits.items():
+        if not isinstance(split, dict):
+            raise bad(f"splits.{name}", "an object")
+        shards, counts = split.get("shards"), split.get("shard_tokens")
+        if not isinstance(shards, list) or not all(isinstance(n, str) and _SHARD_RE.match(n)
+                                                   and n.startswith(name + "_") for n in shards):  # fmt: skip
+            raise bad(f"splits.{name}.shards", f"a list of shard file names ({name}_NNNNN.bin)")
+        if not isinstance(counts, list) or len(counts) != len(shards) or not all(is_int(c) for c in counts):
+            raise bad(f"splits.{name}.shard_tokens", "a token count for each shard")
+        if split.get("tokens") != sum(counts) or not is_int(split.get("tokens")):
+            raise bad(f"splits.{name}.tokens", f"the sum of its shard_tokens ({sum(counts)})")
+    return splits
+
+
 class TokenShards:
     """One split of a token-shard directory as a flat, memory-mapped sequence of token ids.
 
     `path` is the shard directory or one of its `.bin` files (which selects that file's split; the whole split
     is read)."""
 
-    def __init__(self, path, split: str = "train"):
+    def __init__(self, path, split: str = "train", fallback: str | None = None):
+        """`fallback`: the split to read when the directory has no `split` (self.split tells which was read)."""
         p = Path(path)
         if p.suffix == ".bin":
             m = _SHARD_RE.match(p.name)
@@ -456,7 +577,7 @@ class TokenShards:
                 raise UserError(f"{p}: not a token shard (expected train_NNNNN.bin or val_NNNNN.bin)")
             if not p.is_file():
                 raise UserError(f"no such file: {p}")
-            p, split = p.parent, m.group(1)
+            p, split, fallback = p.parent, m.group(1), None
         if not p.is_dir():
             raise UserError(f"no such token-shard directory: {p}")
         meta_file = p / "meta.json"
@@ -464,26 +585,39 @@ class TokenShards:
             raise UserError(f"{p} has no meta.json: not a token-shard directory (see `llmctl tokenize encode`)")
         try:
             self.meta = json.loads(meta_file.read_text(encoding="utf-8"))
-            info = self.meta["splits"]
-            dtype = np.dtype(self.meta["dtype"]).newbyteorder("<")
-        except (OSError, ValueError, KeyError, TypeError) as e:
+        except (OSError, ValueError) as e:
             raise UserError(f"{meta_file}: invalid token-shard meta ({e})") from None
-        if self.meta.get("format") != FORMAT or self.meta.get("version") != VERSION:
-            raise UserError(f"{meta_file}: unsupported token-shard format {self.meta.get('format')!r} "
-                            f"version {self.meta.get('version')!r}")
-        if split not in info or not info[split].get("tokens"):
-            raise UserError(f"{p} has no {split} split (val_fraction was {self.meta.get('val_fraction')})")
+        meta = self.meta
+        if not isinstance(meta, dict) or meta.get("format") != FORMAT or meta.get("version") != VERSION:
+            got = "(not a JSON object)" if not isinstance(meta, dict) else \
+                f"{str(meta.get('format'))[:40]!r} version {str(meta.get('version'))[:20]!r}"
+            raise UserError(f"{meta_file}: unsupported token-shard format {got}")
+        info = _check_meta(meta, meta_file)
+        has = lambda s: bool(s in info and info[s]["tokens"])  # noqa: E731
+        if not has(split) and fallback is not None and has(fallback):
+            split = fallback
+        if not has(split):
+            raise NoSplit(f"{p} has no {split} split (val_fraction was {meta.get('val_fraction')})")
+        dtype = np.dtype(meta["dtype"]).newbyteorder("<")
         self.path, self.split, self.dtype = p, split, dtype
-        self.vocab_size: int = self.meta["vocab_size"]
-        self.token_bytes = np.asarray(self.meta["token_bytes"], dtype=np.int64)
+        self.vocab_size: int = meta["vocab_size"]
+        self.token_bytes = np.asarray(meta["token_bytes"], dtype=np.int64)
         self.shards = []
         for name, count in zip(info[split]["shards"], info[split]["shard_tokens"]):
             f = p / name
             if not f.is_file() or f.stat().st_size != count * dtype.itemsize:
                 raise UserError(f"{f}: missing or truncated shard (expected {count} tokens)")
-            self.shards.append(np.memmap(f, dtype=dtype, mode="r"))
+            self.shards.append(np.memmap(f, dtype=dtype, mode="r") if count else np.zeros(0, dtype=dtype))
         self.starts = np.cumsum([0] + [len(s) for s in self.shards])  # global offset of each shard
         self._len = int(self.starts[-1])
+        self.max_id = -1  # the largest token id of the split: every id is checked against the vocabulary once
+        for name, shard in zip(info[split]["shards"], self.shards):
+            for i in range(0, len(shard), 1 << 24):
+                top = int(shard[i:i + (1 << 24)].max())
+                if top >= self.vocab_size:
+                    raise UserError(f"{p / name}: token id {top} is outside the vocabulary of {self.vocab_size} "
+                                    f"tokens that {meta_file} declares (corrupt shard, or meta.json of other data)")
+                self.max_id = max(self.max_id, top)
 
     def __len__(self) -> int:
         return self._len

@@ -287,8 +287,6 @@ def _build_reward(recipe, dist, resume) -> Built:
     from llmctl.checkpoint import resolve_model_dir
     from llmctl.tokenizer import load_tokenizer
 
-    if recipe.lora.enabled:
-        raise UserError("method reward trains every weight of the reward model; lora.enabled is for dpo, ppo, grpo")
     base_dir = resolve_model_dir(recipe.init_from)
     tok = load_tokenizer(base_dir)
     if tok.pad_id is None:
@@ -353,10 +351,6 @@ def _build_dpo(recipe, dist, resume) -> Built:
     model, tok = policy.model.to(dist.device), policy.tok
     T = _block_size(recipe, model)
     tc, dc = recipe.train, recipe.dpo
-    if dc.beta <= 0:
-        raise UserError(f"dpo.beta must be > 0, got {dc.beta}")
-    if not 0.0 <= dc.label_smoothing < 0.5:
-        raise UserError(f"dpo.label_smoothing must be in [0, 0.5), got {dc.label_smoothing}")
     train = load_pairs(recipe.data.train, tok, recipe.data.chat, T + 1, recipe.data.limit, quiet=not dist.is_main)
     val = _val_pairs(recipe, tok, T + 1, dist)
     val_local = val[dist.rank :: dist.world]

@@ -73,7 +73,6 @@ import torch.nn.functional as F
 from torch import nn
 
 from llmctl import evaluate, loop, losses
-from llmctl.config import get_path
 from llmctl.data import iter_jsonl
 from llmctl.dist import Dist
 from llmctl.errors import UserError
@@ -482,19 +481,6 @@ def make_evaluate(recipe, tok, dist: Dist):
 
 def make_task(recipe, dist: Dist, resume: Path | None) -> loop.Task:
     rl = recipe.rl
-    checks = [("rl.prompts_per_step", rl.prompts_per_step >= 1, "an integer >= 1"),
-              ("rl.group_size", rl.group_size >= 1 and (recipe.method == "ppo" or rl.group_size >= 2),
-               "an integer >= 2 for grpo (advantages are relative to the group)"),
-              ("rl.max_new_tokens", rl.max_new_tokens >= 1, "an integer >= 1"),
-              ("rl.temperature", rl.temperature > 0, "> 0 (rollouts are sampled)"),
-              ("rl.top_p", 0 < rl.top_p <= 1, "in (0, 1]"), ("rl.epochs", rl.epochs >= 1, "an integer >= 1"),
-              ("rl.minibatches", 1 <= rl.minibatches <= rl.prompts_per_step * (1 if recipe.method == "ppo" else
-                                                                               rl.group_size),
-               "an integer in [1, the sequences of a rollout batch]"),
-              ("rl.clip", rl.clip > 0, "> 0"), ("rl.kl_coef", rl.kl_coef >= 0, ">= 0")]  # fmt: skip
-    for key, ok, what in checks:
-        if not ok:
-            raise UserError(f"{key} must be {what}, got {get_path(recipe, key)!r}")
     policy = Policy(recipe.init_from, recipe.lora if recipe.lora.enabled else None, resume, recipe.ref_from)
     model = policy.model
     T = recipe.data.block_size or model.config.block_size

@@ -254,3 +254,93 @@ def test_large_vocab_uses_uint32(tok, tmp_path):
     assert (tmp_path / "out" / "train_00000.bin").stat().st_size == 4 * len(ds)
     ids = ds.read(0, len(ds))
     assert ids.tolist() == [i for d in DOCS for i in [tok.bos_id, *tok.encode(d), tok.eos_id]]
+
+
+# ----------------------------------------------------------------------------------------------- bad bytes, bad shards
+
+
+def test_text_that_is_not_utf8_names_file_and_line(tmp_path):
+    (tmp_path / "a.txt").write_bytes(b"one\n\ntwo\nthr\xe9e\n")
+    with pytest.raises(UserError, match=r"a\.txt:4: not UTF-8 \(byte 0xe9"):
+        read_corpus([str(tmp_path / "a.txt")])
+    (tmp_path / "b.jsonl").write_bytes(b'{"text": "ok"}\n{"text": "caf\xe9"}\n')
+    with pytest.raises(UserError, match=r"b\.jsonl:2: not UTF-8"):
+        list(data.iter_jsonl(tmp_path / "b.jsonl"))
+    with gzip.open(tmp_path / "c.jsonl.gz", "wb") as f:
+        f.write(b'\n{"text": "ok"}\n\xff\n')
+    with pytest.raises(UserError, match=r"c\.jsonl\.gz:3: not UTF-8"):
+        list(data.iter_jsonl(tmp_path / "c.jsonl.gz"))
+    # an unpaired surrogate escape is not text either; a pair is
+    (tmp_path / "d.jsonl").write_text('{"text": "\\ud83d\\ude00"}\n{"text": "\\udcff"}\n')
+    rows = data.iter_jsonl(tmp_path / "d.jsonl")
+    assert next(rows) == (1, {"text": "\U0001f600"})
+    with pytest.raises(UserError, match=r"d\.jsonl:2: not UTF-8 \(an unpaired surrogate escape \\udcff\)"):
+        next(rows)
+
+
+def test_text_lines_decode_strictly():
+    stream = io.TextIOWrapper(io.BytesIO(b"a\r\nb\n\xff\n"))
+    lines = data.text_lines(stream)
+    assert next(lines) == (1, "a\r\n") and next(lines) == (2, "b\n")
+    with pytest.raises(UserError, match=r"^stdin:3: not UTF-8 \(byte 0xff"):
+        next(lines)
+    with pytest.raises(UserError, match=r"^stdin:2: not UTF-8 \(byte 0xe9\)"):
+        list(data.text_lines(io.StringIO("ok\ncaf\udce9\n")))  # a text stream holding surrogate escapes
+
+
+@pytest.fixture
+def shards(tok, tmp_path):
+    write_jsonl(tmp_path / "c.jsonl", [{"text": d} for d in DOCS * 3])
+    encode_corpus([str(tmp_path / "c.jsonl")], tok, tmp_path / "out", val_fraction=0.3)
+    return tmp_path / "out"
+
+
+def _edit_meta(d, fn):
+    meta = json.loads((d / "meta.json").read_text())
+    (d / "meta.json").write_text(json.dumps(fn(meta)))
+
+
+def test_token_shards_know_their_largest_id_and_fall_back_to_another_split(tok, shards, tmp_path):
+    train = TokenShards(shards)
+    assert train.max_id == int(train.read(0, len(train)).max()) < tok.vocab_size
+    assert TokenShards(shards, "val", fallback="train").split == "val"  # has its own
+    write_jsonl(tmp_path / "held_out.jsonl", [{"text": d} for d in DOCS])
+    encode_corpus([str(tmp_path / "held_out.jsonl")], tok, tmp_path / "alone", val_fraction=0.0)
+    alone = TokenShards(tmp_path / "alone", "val", fallback="train")
+    assert alone.split == "train" and len(alone) == len(TokenShards(tmp_path / "alone"))
+    with pytest.raises(data.NoSplit, match="no val split"):
+        TokenShards(tmp_path / "alone", "val")
+
+
+@pytest.mark.parametrize("damage,match", [
+    (lambda m: {**m, "dtype": 16}, "'dtype' must be \"uint16\" or \"uint32\", got 16"),
+    (lambda m: {**m, "dtype": "uint16", "vocab_size": 70_000}, "'dtype' must be uint32 for a vocabulary of 70000"),
+    (lambda m: {**m, "vocab_size": True}, "'vocab_size' must be a positive integer"),
+    (lambda m: {**m, "token_bytes": "abc"}, "'token_bytes' must be a list"),
+    (lambda m: {**m, "bos_id": "1"}, "'bos_id' must be a token id"),
+    (lambda m: {**m, "tokenizer_hash": 5}, "'tokenizer_hash' must be a string"),
+    (lambda m: {k: v for k, v in m.items() if k != "splits"}, "'splits' must be an object"),
+    (lambda m: {**m, "splits": {"train": []}}, "'splits.train' must be an object"),
+    (lambda m: {**m, "splits": {"train": {**m["splits"]["train"], "shards": ["val_00000.bin"]}}},
+     "'splits.train.shards' must be a list of shard file names"),
+    (lambda m: {**m, "splits": {"train": {**m["splits"]["train"], "shard_tokens": []}}},
+     "'splits.train.shard_tokens' must be a token count for each shard"),
+    (lambda m: {**m, "splits": {"train": {**m["splits"]["train"], "tokens": None}}},
+     "'splits.train.tokens' must be the sum of its shard_tokens"),
+    (lambda m: {**m, "vocab_size": 3}, "outside the vocabulary of 3 tokens"),
+    (lambda m: "just a string", "unsupported token-shard format (not a JSON object)"),
+])  # fmt: skip
+def test_damaged_meta_is_one_clear_error(shards, damage, match):
+    _edit_meta(shards, damage)
+    with pytest.raises(UserError) as e:
+        TokenShards(shards)
+    assert match in str(e.value) and "meta.json" in str(e.value), str(e.value)
+
+
+def test_token_ids_outside_the_vocabulary_are_refused(tok, shards):
+    ids = np.fromfile(shards / "val_00000.bin", dtype="<u2")
+    ids[-1] = tok.vocab_size
+    ids.tofile(shards / "val_00000.bin")
+    TokenShards(shards)  # the train split is fine
+    with pytest.raises(UserError, match=f"val_00000.bin: token id {tok.vocab_size} is outside the vocabulary"):
+        TokenShards(shards, "val")

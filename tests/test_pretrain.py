@@ -212,3 +212,42 @@ def test_data_errors_exit_2(data, tmp_path):
     r = pretrain(data, out, "train.max_steps=4", "model.n_layer=3", check=False)
     assert r.returncode == 2 and "incompatible checkpoint" in r.stderr
     assert (out / "checkpoints/step-0000002/model.safetensors").exists()
+
+
+def test_val_dir_encoded_on_its_own_validates_on_its_tokens(data, tmp_path):
+    """data.val=DIR with no val split (`tokenize encode held_out.txt --val-fraction 0`, the usual way to hold out
+    a separate file) validates on all of DIR, saying so once; the figures are DIR's, not data.train's."""
+    from llmctl.builtin import builtin_documents
+
+    held = tmp_path / "held_out.txt"
+    held.write_text("\n\n".join(builtin_documents()[-5:]))  # in data.train too: what matters is what is scored
+    llmctl("tokenize", "encode", held, "--tokenizer", data / "tok", "--out", tmp_path / "val", "--val-fraction", 0)
+    r = pretrain(data, tmp_path / "run", f"data.val={tmp_path / 'val'}", "train.max_steps=2")
+    notes = [line for line in r.stderr.splitlines() if line.startswith("data.val:")]
+    assert len(notes) == 1 and "has no val split; validating on its train split" in notes[0], r.stderr
+    ours = [e for e in events(tmp_path / "run") if "val_loss" in e]
+    assert [e["step"] for e in ours] == [0, 2]
+    pretrain(data, tmp_path / "default", "train.max_steps=2")
+    theirs = [e for e in events(tmp_path / "default") if "val_loss" in e]
+    assert ours[0]["val_loss"] != theirs[0]["val_loss"]  # the same initial weights, other tokens
+
+
+def test_shards_of_another_vocabulary_are_refused_before_training(data, tmp_path):
+    """Shards whose meta.json names this tokenizer (hash) but whose ids and vocabulary are larger than its."""
+    import shutil
+
+    from llmctl.tokenizer import load_tokenizer
+
+    other = tmp_path / "tok300"
+    llmctl("tokenize", "train", data / "corpus.txt", "--vocab-size", 300, "--out", other)
+    bad = tmp_path / "shards"
+    shutil.copytree(data / "shards", bad)
+    meta = json.loads((bad / "meta.json").read_text())
+    meta["tokenizer_hash"] = load_tokenizer(other).hash()
+    (bad / "meta.json").write_text(json.dumps(meta))
+    r = pretrain(data, tmp_path / "run", f"tokenizer={other}", f"data.train={bad}", check=False)
+    assert r.returncode == 2 and "Traceback" not in r.stderr, r.stderr
+    lines = r.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("error: data.train: "), r.stderr
+    assert "for a vocabulary of 512" in lines[0] and "the tokenizer and the model have 300" in lines[0]
+    assert not (tmp_path / "run").exists()

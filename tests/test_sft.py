@@ -337,3 +337,21 @@ def test_fine_tune_a_local_transformers_checkpoint(tmp_path, tok_dir, kind):
                                                str(ck)).eval()(x).logits
             assert (ours - hf.load_model(base)(x)).abs().max() > 0  # the adapter trained
     assert (ours - theirs).abs().max() <= 1e-4
+
+
+def test_shipped_lora_recipe_runs_with_only_a_model_and_data(sft_setup, tmp_path):
+    """recipes/tiny/lora.yaml names an exact-match file (runs/tasks/rl_test.jsonl) the user may never have made:
+    with only init_from, data.train and out_dir it trains, skipping that evaluation with one warning."""
+    import yaml
+
+    _, recipe = sft_setup
+    mine = yaml.safe_load(recipe.read_text())
+    r = subprocess.run([sys.executable, "-m", "llmctl", "lora", str(ROOT / "recipes/tiny/lora.yaml"),
+                        f"init_from={mine['init_from']}", f"data.train={mine['data']['train']}", "out_dir=run",
+                        "train.max_steps=2", "train.micro_batch_size=2"], capture_output=True, text=True,
+                       cwd=tmp_path, env={**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT)})
+    assert r.returncode == 0, r.stderr
+    warnings = [line for line in r.stderr.splitlines() if line.startswith("warning: eval.exact_match")]
+    assert len(warnings) == 1 and "no such file runs/tasks/rl_test.jsonl" in warnings[0], r.stderr
+    assert yaml.safe_load((tmp_path / "run/config.yaml").read_text())["eval"]["exact_match"] is None
+    assert (tmp_path / "run/checkpoints/step-0000002/adapter_config.json").is_file()

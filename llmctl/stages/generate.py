@@ -9,7 +9,9 @@ Documented behaviours (README and `llmctl generate --help`):
   line-breaking characters -> `\\xHH` / `\\uHHHH`);
 - --json writes JSONL; an input line starting with `{` is a JSON object (`prompt` or chat `messages`, optional
   `id` and sampling overrides), any other line a plain prompt; blank lines are skipped; a malformed object stops
-  with `error: stdin:LINE: ...` (the batches before it are already out).
+  with `error: stdin:LINE: ...` (the batches before it are already out);
+- text that is not UTF-8 (a stdin line, the PROMPT argument, a --stop value) stops with
+  `error: stdin:LINE: not UTF-8` / `error: PROMPT: not UTF-8`.
 """
 
 from __future__ import annotations
@@ -19,6 +21,7 @@ import sys
 from dataclasses import dataclass
 from typing import Any, TextIO
 
+from llmctl.data import check_unicode, text_lines
 from llmctl.errors import UserError
 
 # per-item overrides accepted in --json mode and their JSON types
@@ -170,6 +173,7 @@ def parse_json_item(engine, line: str, where: str, base: dict, chat: bool, warne
         raise UserError(f"{where}: invalid JSON ({e.msg} at column {e.colno})") from None
     if not isinstance(obj, dict):
         raise UserError(f"{where}: expected a JSON object, got {type(obj).__name__}")
+    check_unicode(obj, where, escapes=True)  # an unpaired \udXXX escape
     fields = dict(base)
     for k, v in obj.items():
         if k in OVERRIDES:
@@ -208,6 +212,9 @@ def run(model, prompt: str | None, flags: dict, *, json_mode: bool, chat: bool, 
     import torch
 
     stdin, stdout, stderr = stdin or sys.stdin, stdout or sys.stdout, stderr or sys.stderr
+    if prompt is not None:
+        check_unicode(prompt, "PROMPT")  # Python keeps undecodable argument bytes as lone surrogates
+    check_unicode(list(flags.get("stop") or ()), "--stop")
     make_params({k: v for k, v in flags.items() if v is not None})  # flag errors before the model loads
     if prompt_lookup < 0:
         raise UserError(f"--prompt-lookup must be 0 (off) or more, got {prompt_lookup}")
@@ -251,7 +258,7 @@ def run(model, prompt: str | None, flags: dict, *, json_mode: bool, chat: bool, 
     warned: set = set()
     batch: list[Item] = []
     n = 0
-    for lineno, line in enumerate(stdin, 1):
+    for lineno, line in text_lines(stdin):
         where = f"stdin:{lineno}"
         text = line[:-1] if line.endswith("\n") else line
         if json_mode and not text.strip():

@@ -9,7 +9,7 @@ import torch
 
 from llmctl import hf, loop
 from llmctl.checkpoint import find_resume
-from llmctl.data import TokenShards
+from llmctl.data import NoSplit, TokenShards
 from llmctl.dist import Dist
 from llmctl.errors import UserError
 from llmctl.evaluate import loss_and_bpb, nats_bytes_sums, token_logprobs
@@ -83,17 +83,38 @@ def make_evaluate(shards: TokenShards, token_bytes: np.ndarray, block_size: int,
     return evaluate
 
 
+def val_shards(recipe, dist: Dist) -> TokenShards:
+    """data.val's val split -- or its train split when it has none: a directory encoded on its own (with
+    --val-fraction 0) to hold out a separate file -- else data.train's val split."""
+    if not recipe.data.val:
+        try:
+            return TokenShards(recipe.data.train, "val")
+        except NoSplit as e:
+            raise UserError(f"data.train: {e}; set data.val=DIR (token shards of held-out text, e.g. `llmctl "
+                            f"tokenize encode held_out.txt --val-fraction 0 --out DIR`) or re-encode with "
+                            "--val-fraction > 0") from None
+    ds = TokenShards(recipe.data.val, "val", fallback="train")
+    if ds.split != "val" and Path(recipe.data.val).suffix != ".bin" and dist.is_main:
+        print(f"data.val: {ds.path} has no val split; validating on its train split ({len(ds):,} tokens)",
+              file=sys.stderr)
+    return ds
+
+
 def run(recipe) -> dict:
     dist = Dist(recipe.train.precision, seed=recipe.seed)
     tok = load_tokenizer(recipe.tokenizer)
     train_data = TokenShards(recipe.data.train, "train")
-    val_data = TokenShards(recipe.data.val or recipe.data.train, "val")
+    val_data = val_shards(recipe, dist)
+    cfg = model_config(recipe, tok)
     for name, ds in (("data.train", train_data), ("data.val", val_data)):
         if ds.meta.get("tokenizer_hash") != tok.hash():
             raise UserError(f"{name} was encoded with another tokenizer than {recipe.tokenizer} "
                             f"(hash {str(ds.meta.get('tokenizer_hash'))[:12]} vs {tok.hash()[:12]}); "
                             "re-run `llmctl tokenize encode` with this tokenizer")
-    cfg = model_config(recipe, tok)
+        if ds.vocab_size != tok.vocab_size or ds.max_id >= cfg.vocab_size or len(ds.token_bytes) < cfg.vocab_size:
+            raise UserError(f"{name}: {ds.path} holds token ids up to {ds.max_id} for a vocabulary of "
+                            f"{ds.vocab_size} ({len(ds.token_bytes)} token_bytes), but the tokenizer and the model "
+                            f"have {tok.vocab_size}; re-run `llmctl tokenize encode` with this tokenizer")
     resume = find_resume(recipe.out_dir)
     if resume is not None:
         model = hf.load_model(resume)

@@ -5,11 +5,14 @@ stdout carries only the stream results (ids or text lines); summaries go to stde
 Streams: `encode_stream` turns each stdin line (without its newline) into one line of space-separated ids, an
 empty line into an empty line; special-token strings in the text are encoded as plain text. `decode_stream`
 turns each line of space-separated ids back into one line of text, with any newline inside the decoded text
-written as the two characters `\\n` (and carriage return as `\\r`), so one line in is one line out.
+written as the two characters `\\n` (and carriage return as `\\r`), so one line in is one line out. A line
+that is not UTF-8, a word that is not a decimal id, or an id outside the vocabulary stops with
+`error: stdin:LINE: ...`.
 """
 
 from __future__ import annotations
 
+import re
 import sys
 import time
 from pathlib import Path
@@ -17,6 +20,7 @@ from pathlib import Path
 from llmctl.errors import UserError
 
 MAX_VOCAB_SIZE = 2**32
+_ID = re.compile(r"-?[0-9]+")
 
 
 def _log(msg: str) -> None:
@@ -69,26 +73,27 @@ def encode(corpus: list[str], tokenizer: Path, out: Path, val_fraction: float = 
 
 def encode_stream(tokenizer: Path, stdin, stdout) -> None:
     """Each stdin line -> one stdout line of space-separated ids."""
+    from llmctl.data import text_lines
     from llmctl.tokenizer import load_tokenizer
 
     tok = load_tokenizer(tokenizer)
-    for line in stdin:
+    for _, line in text_lines(stdin):
         stdout.write(" ".join(map(str, tok.encode(line.rstrip("\n")))) + "\n")
     stdout.flush()
 
 
 def decode_stream(tokenizer: Path, stdin, stdout) -> None:
     """Each stdin line of space-separated ids -> one stdout line of text (newlines escaped as \\n)."""
+    from llmctl.data import text_lines
     from llmctl.tokenizer import load_tokenizer
 
     tok = load_tokenizer(tokenizer)
-    for lineno, line in enumerate(stdin, 1):
+    for lineno, line in text_lines(stdin):
         ids = []
         for x in line.split():
-            try:
-                ids.append(int(x))
-            except ValueError:
-                raise UserError(f"stdin:{lineno}: not a token id: {x[:40]!r}") from None
+            if not _ID.fullmatch(x):  # int() would also take "1_000", "+3" and non-ASCII digits
+                raise UserError(f"stdin:{lineno}: not a token id: {x[:40]!r}")
+            ids.append(int(x))
             if not 0 <= ids[-1] < tok.vocab_size:
                 raise UserError(f"stdin:{lineno}: token id {x} out of range [0, {tok.vocab_size})")
         text = tok.decode(ids)
