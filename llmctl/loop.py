@@ -25,6 +25,7 @@ from typing import Any, Callable, Optional
 import torch
 
 from llmctl import optim as optim_lib
+from llmctl import threads as threads_lib
 from llmctl.checkpoint import list_checkpoints, step_dir_name
 from llmctl.config import dump_recipe, to_dict
 from llmctl.dist import Dist
@@ -169,6 +170,7 @@ def train(recipe, task: Task, dist: Dist, resume: Optional[Path] = None) -> dict
     peak = _peak_flops(tc, dist.device)
     progress = Progress(tc.max_steps, start, enabled=dist.is_main)
     last: dict[str, Any] = {}
+    threads = threads_lib.training_controller(tc.threads, dist.device, dist.world)  # None: a fixed thread count
 
     def log(event: dict):
         last.update(event)
@@ -223,6 +225,8 @@ def train(recipe, task: Task, dist: Dist, resume: Optional[Path] = None) -> dict
             if dist.any(flag.signum is not None):
                 stop = flag.signum or signal.SIGTERM
                 break
+            if threads is not None:
+                threads.begin()
             lr = optim_lib.lr_at(step, oc, tc.max_steps)
             optim_lib.set_lr(optimizer, lr)
             micro = task.batches(step)
@@ -250,6 +254,8 @@ def train(recipe, task: Task, dist: Dist, resume: Optional[Path] = None) -> dict
                 state["skipped"] += 1
                 progress.message(f"step {step}: non-finite loss/gradient ({loss_val}, {gnorm}); update skipped")
             optimizer.zero_grad(set_to_none=True)
+            if threads is not None and (msg := threads.end(n_global)):
+                progress.message(f"step {step}: {msg}")
             state["step"] = step
             log_now = step % max(1, tc.log_every) == 0 or step == tc.max_steps
             if log_now:
@@ -261,6 +267,8 @@ def train(recipe, task: Task, dist: Dist, resume: Optional[Path] = None) -> dict
                       "grad_norm": gnorm}
                 if mfu is not None:
                     ev["mfu"] = mfu
+                if threads is not None:
+                    ev["threads"] = threads.n
                 if task.stats is not None:
                     ev.update(task.stats())
                 log(ev)
@@ -276,6 +284,8 @@ def train(recipe, task: Task, dist: Dist, resume: Optional[Path] = None) -> dict
         if step > start:
             save(step)
     progress.close()
+    if threads is not None:
+        threads.close()
     if metrics_f is not None:
         metrics_f.close()
     if stop is not None:
