@@ -267,8 +267,8 @@ def train(recipe, task: Task, dist: Dist, resume: Optional[Path] = None) -> dict
                       "grad_norm": gnorm}
                 if mfu is not None:
                     ev["mfu"] = mfu
-                if threads is not None:
-                    ev["threads"] = threads.n
+                if dist.device.type == "cpu":
+                    ev["threads"] = threads.n if threads is not None else torch.get_num_threads()
                 if task.stats is not None:
                     ev.update(task.stats())
                 log(ev)
