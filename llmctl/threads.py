@@ -167,9 +167,9 @@ class Controller:
     """
 
     def __init__(self, n_full: int, set_threads: Callable[[int], None], others: Optional[Callable] = None,
-                 clock: Callable[[], float] = time.perf_counter, warmup: int = 2, window: int = 5,
-                 probe_steps: int = 3, margin: float = 0.1, drift: float = 0.3, busy: float = 0.5,
-                 gap: int = 5, max_gap: int = 400):
+                 clock: Callable[[], float] = time.perf_counter, warmup: int = 1, window: int = 3,
+                 probe_steps: int = 2, margin: float = 0.1, drift: float = 0.3, busy: float = 0.5,
+                 gap: int = 3, max_gap: int = 400):
         self.n_full = self.n = n_full
         self.set_threads, self.others, self.clock = set_threads, others, clock
         self.warmup, self.window, self.probe_steps = warmup, window, probe_steps
