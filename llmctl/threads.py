@@ -163,6 +163,9 @@ class Controller:
     the cool-down has passed and (at full count) other processes used at least `busy` CPUs or steps slowed by
     `drift`, or (at fewer threads) other processes left room for more threads or steps sped up by `drift`. A
     probe that changes nothing doubles the cool-down (up to `max_gap` steps); one that switches resets it.
+    When other processes already use `busy` CPUs before the first step (the meter's window opens when the
+    controller is made, so it spans the run's set-up), the run starts at fewer threads at once -- a contended
+    step can take 6x longer -- and a probe of the full count after the first baseline checks that choice.
     Without a CPU meter, one probe runs after the first baseline.
     """
 
@@ -180,12 +183,23 @@ class Controller:
         self.probe: Optional[list] = None
         self.alt = n_full
         self.steps = self.since = 0
-        self.probed = False
+        self.probed = self.verify = False
+        self.pending: Optional[str] = None
         self.switches: list[tuple[int, int, int]] = []  # (step, from, to)
         self._t0: Optional[float] = None
 
     def begin(self) -> None:
+        if self.steps == 0 and self._t0 is None and self.others is not None and not self.switches:
+            used = self.others()  # the window since the controller was made
+            if used is not None and used >= self.busy:
+                self.n, self.verify = self._fewer(used), True
+                self.set_threads(self.n)
+                self.switches.append((0, self.n_full, self.n))
+                self.pending = f"threads: {self.n_full} -> {self.n} (other processes use {used:.1f} CPUs)"
         self._t0 = self.clock()
+
+    def _fewer(self, used: float) -> int:
+        return max(1, self.n_full - max(1, round(used)))
 
     def end(self, units: float) -> Optional[str]:
         """Record a step; returns a message when the thread count changed."""
@@ -193,11 +207,12 @@ class Controller:
             return None
         dt, self._t0 = self.clock() - self._t0, None
         self.steps += 1
+        msg, self.pending = self.pending, None
         if self.steps <= self.warmup:
             if self.steps == self.warmup and self.others is not None:
                 self.others(restart=True)  # the meter's window starts after the warm-up
-            return None
-        return self.observe(dt / max(float(units), 1.0))
+            return msg
+        return self.observe(dt / max(float(units), 1.0)) or msg
 
     def observe(self, x: float) -> Optional[str]:
         if self.probe is not None:
@@ -222,11 +237,13 @@ class Controller:
         used = self.others() if self.others is not None else None
         if self.n == self.n_full:
             if used is not None and used >= self.busy:
-                return max(1, self.n_full - max(1, round(used)))
+                return self._fewer(used)
             if m > self.base * (1 + self.drift) or (self.others is None and not self.probed):
                 return max(1, self.n_full // 2)
             return None
-        if (used is not None and self.n_full - self.n > used + self.busy) or m < self.base * (1 - self.drift):
+        if self.verify or (used is not None and self.n_full - self.n > used + self.busy) \
+                or m < self.base * (1 - self.drift):
+            self.verify = False
             return self.n_full
         return None
 

@@ -144,8 +144,11 @@ def test_controller_quiet_never_probes():
 def test_controller_backs_off_under_a_neighbour_and_returns():
     s = Script({2: 4.0, 1: 1.8}, others=1.0)  # a neighbour: 2 threads crawl, 1 thread is faster
     ctl = threads.Controller(2, s.set_threads, s.others, clock=s.clock)
+    s.others_value = 0.0
+    s.steps(ctl, 10)
+    s.others_value = 1.0  # it arrives
     msgs = s.steps(ctl, 20)
-    assert ctl.n == 1 and s.n == 1 and len(msgs) == 1 and "2 -> 1" in msgs[0]
+    assert ctl.n == 1 and s.n == 1 and len(msgs) == 1 and "2 -> 1" in msgs[0] and "faster" in msgs[0]
     assert ctl.switches[0][1:] == (2, 1)
     assert s.steps(ctl, 100) == []  # the neighbour stays (others 1.0): no probe back up
     s.cost, s.others_value = {2: 1.0, 1: 1.8}, 0.0  # it leaves
@@ -155,11 +158,24 @@ def test_controller_backs_off_under_a_neighbour_and_returns():
     assert s.n == 2
 
 
+def test_controller_starts_low_when_a_neighbour_is_there_and_checks_it():
+    s = Script({2: 4.0, 1: 1.8}, others=1.0)
+    ctl = threads.Controller(2, s.set_threads, s.others, clock=s.clock)
+    msgs = s.steps(ctl, 1)
+    assert s.n == 1 and "2 -> 1" in msgs[0] and "other processes" in msgs[0]  # before the first step
+    s.steps(ctl, 30)
+    assert s.calls[:3] == [1, 2, 1] and ctl.n == 1  # the check of 2 threads lost
+    s2 = Script({2: 1.0, 1: 1.8}, others=1.0)  # a niced neighbour, say: 2 threads still win
+    ctl = threads.Controller(2, s2.set_threads, s2.others, clock=s2.clock)
+    msgs = s2.steps(ctl, 40)
+    assert ctl.n == 2 and [sw[1:] for sw in ctl.switches] == [(2, 1), (1, 2)] and "1 -> 2" in msgs[-1]
+
+
 def test_controller_keeps_the_count_when_the_probe_loses_and_backs_off_probing():
     s = Script({2: 1.0, 1: 1.8}, others=1.0)  # a light neighbour: 2 threads still win
     ctl = threads.Controller(2, s.set_threads, s.others, clock=s.clock, gap=5, max_gap=40)
     s.steps(ctl, 400)
-    assert ctl.n == 2 and s.n == 2 and ctl.switches == []
+    assert ctl.n == 2 and s.n == 2 and [sw[1:] for sw in ctl.switches] == [(2, 1), (1, 2)]  # started low
     probes = s.calls.count(1)
     assert 3 <= probes <= 400 // 40 + 4  # the cool-down doubles up to max_gap
     assert ctl.gap == 40
