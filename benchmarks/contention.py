@@ -5,7 +5,8 @@ model) each run, as `python -m llmctl` subprocesses of this checkout, as:
   default_quiet  LLMCTL_THREAD_POLICY=off (PyTorch's and libgomp's defaults, as before the policy), machine as is;
   policy_quiet   llmctl's thread policy (llmctl/threads.py), machine as is;
   policy_busy    the policy, with `yes > /dev/null` running (one core taken);
-  default_busy   the defaults, with `yes` running (cut at --run-timeout; the figure is what it reached).
+  default_busy   the defaults, with `yes` running (cut at --run-timeout; the figure is what it reached, 0 if it
+                 logged no step by then).
 Throughput is tokens (DPO: pairs) per second from metrics.jsonl over the steps after --warmup-steps: their tokens
 over their time, so a probe's slower steps count. `others_cpus` is the CPU time that other processes (`yes`
 included) took during a run, in CPUs, from /proc/stat less the run's own; check it before trusting a "quiet".
@@ -110,7 +111,7 @@ def run(kind: str, args, data: dict, out: Path, policy: bool, busy: bool) -> dic
                              stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)  # fmt: skip
         timed_out = False
         try:
-            _, err = p.communicate(timeout=args.run_timeout)
+            _, err = p.communicate(timeout=args.run_timeout if busy and not policy else 900)
         except subprocess.TimeoutExpired:
             timed_out = True
             p.kill()
@@ -143,7 +144,7 @@ def main() -> None:
     ap.add_argument("--log-every", type=int, default=5)
     ap.add_argument("--warmup-steps", type=int, default=5, help="steps left out of the figures")
     ap.add_argument("--repeat", type=int, default=1, help="runs of each quiet configuration (medians)")
-    ap.add_argument("--run-timeout", type=float, default=75.0, help="seconds; a slower run is cut there")
+    ap.add_argument("--run-timeout", type=float, default=90.0, help="seconds; a slower default_busy run is cut")
     ap.add_argument("--no-default-busy", action="store_true", help="skip the defaults-with-a-busy-core runs")
     ap.add_argument("--only", choices=["pretrain", "dpo"], default=None)
     args = ap.parse_args()
@@ -181,14 +182,18 @@ def main() -> None:
             for name, rs in runs.items():
                 figs[name] = {"tok_per_s": statistics.median(r["tok_per_s"] for r in rs), "runs": rs}
             tps = {k: v["tok_per_s"] for k, v in figs.items()}
-            ratios = {"policy_busy_over_policy_quiet": tps["policy_busy"] / tps["policy_quiet"],
-                      "policy_busy_over_default_quiet": tps["policy_busy"] / tps["default_quiet"],
-                      "policy_quiet_over_default_quiet": tps["policy_quiet"] / tps["default_quiet"]}
-            if "default_busy" in tps:
-                ratios["default_busy_over_default_quiet"] = tps["default_busy"] / tps["default_quiet"]
+
+            def ratio(a, b):
+                return tps[a] / tps[b] if a in tps and tps.get(b) else None
+
+            ratios = {"policy_busy_over_policy_quiet": ratio("policy_busy", "policy_quiet"),
+                      "policy_busy_over_default_quiet": ratio("policy_busy", "default_quiet"),
+                      "policy_quiet_over_default_quiet": ratio("policy_quiet", "default_quiet"),
+                      "default_busy_over_default_quiet": ratio("default_busy", "default_quiet")}
+            pb, pq = ratios["policy_busy_over_default_quiet"], ratios["policy_quiet_over_default_quiet"]
             res[kind] = {"unit": "pairs" if kind == "dpo" else "tokens", **figs, "ratios": ratios,
-                         "acceptance": {"busy_at_least_half_of_quiet": ratios["policy_busy_over_default_quiet"] >= 0.5,
-                                        "quiet_within_5pct": ratios["policy_quiet_over_default_quiet"] >= 0.95}}
+                         "acceptance": {"busy_at_least_half_of_quiet": pb is not None and pb >= 0.5,
+                                        "quiet_within_5pct": pq is not None and pq >= 0.95}}
     res["total_s"] = round(time.perf_counter() - t_start, 1)
     json.dump(res, sys.stdout, indent=2)
     sys.stdout.write("\n")

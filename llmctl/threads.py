@@ -115,10 +115,11 @@ class OthersMeter:
     """The CPUs other tasks used on this process's CPUs since the last call (in CPUs, e.g. 1.0 for one busy
     neighbour): their busy + steal time in /proc/stat, less this process's own CPU time (/proc/self/stat)."""
 
-    def __init__(self, cpus=None, proc: str = "/proc", min_ticks: int = 50):
+    def __init__(self, cpus=None, proc: str = "/proc", min_ticks: int = 50, clock=time.monotonic):
         self.proc, self.min_ticks = proc, min_ticks  # a window of at least min_ticks clock ticks (0.5 s at 100 Hz)
         self.cpus = set(os.sched_getaffinity(0)) if cpus is None else set(cpus)
-        self._last = self._read()
+        self.min_s, self.clock = min_ticks / (os.sysconf("SC_CLK_TCK") if hasattr(os, "sysconf") else 100), clock
+        self._last, self._opened = self._read(), clock()
         self._value: Optional[float] = None
 
     def _read(self) -> tuple[int, int, int]:
@@ -142,14 +143,16 @@ class OthersMeter:
     def __call__(self, restart: bool = False) -> Optional[float]:
         """Others' CPUs over the window since the last reading that closed one (a window closes once it spans
         min_ticks; until then the last value is returned). restart: open a new window now, return None."""
+        if not restart and self.clock() - self._opened < self.min_s:
+            return self._value  # too early to close the window: spare the reads (~0.1 ms)
         now = self._read()
         if restart:
-            self._last, self._value = now, None
+            self._last, self._value, self._opened = now, None, self.clock()
             return None
         (b0, t0, o0), (b1, t1, o1) = self._last, now
         per_cpu = (t1 - t0) / max(1, len(self.cpus))  # elapsed ticks
         if per_cpu >= self.min_ticks:
-            self._last = now
+            self._last, self._opened = now, self.clock()
             self._value = max(0.0, ((b1 - b0) - (o1 - o0)) / per_cpu)
         return self._value
 

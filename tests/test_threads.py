@@ -202,14 +202,18 @@ def test_others_meter_on_a_fake_proc(tmp_path):
         (tmp_path / "self").mkdir(exist_ok=True)
         (tmp_path / "self" / "stat").write_text(f"1 (py thon) R {' '.join(['0'] * 10)} {own} 0 0 0\n")
 
+    now = [0.0]
     write((0, 0), (0, 0, 0), 0)
-    m = threads.OthersMeter(cpus={0, 1}, proc=str(tmp_path), min_ticks=50)
+    m = threads.OthersMeter(cpus={0, 1}, proc=str(tmp_path), min_ticks=50, clock=lambda: now[0])
     write((10, 10), (10, 10, 0), 10)
+    assert m() is None  # too early: not even read
+    now[0] = 10.0
     assert m() is None  # 20 ticks a CPU: the window stays open
     # 100 ticks a CPU: cpu0 busy 100 (ours 100), cpu1 busy 60 + steal 40 -> others 1.0 CPU
     write((100, 0), (60, 0, 40), 100)
     assert m() == pytest.approx(1.0)
     m(restart=True)
+    now[0] = 20.0
     write((200, 0), (60, 100, 40), 200)  # cpu1 idle now
     assert m() == pytest.approx(0.0)
 
