@@ -157,8 +157,13 @@ def _version_callback(value: bool):
 def _root(
     version: bool = typer.Option(False, "--version", callback=_version_callback, is_eager=True,
                                  help="Print the version and exit."),
+    threads: Optional[int] = typer.Option(None, "--threads", min=1, help="CPU threads (PyTorch and native "
+                                          "kernels); default: llmctl's policy (see README, Training details)."),
 ):
     """llmctl: the whole life of a language model from one command line."""
+    from llmctl import threads as threads_lib  # before torch is imported: OpenMP reads its settings once
+
+    threads_lib.setup(threads)
 
 
 # --------------------------------------------------------------------------------------------- tokenize

@@ -24,6 +24,7 @@ from typing import Any, Callable, Optional
 import torch
 
 from llmctl import optim as optim_lib
+from llmctl import threads as threads_lib
 from llmctl.checkpoint import atomic_write, clean_stale, list_checkpoints, publish_dir, remove_dir, step_dir_name, \
     writing
 from llmctl.config import dump_recipe, to_dict
@@ -162,6 +163,7 @@ def train(recipe, task: Task, dist: Dist, resume: Optional[Path] = None) -> dict
     peak = _peak_flops(tc, dist.device)
     progress = Progress(tc.max_steps, start, enabled=dist.is_main)
     last: dict[str, Any] = {}
+    threads = threads_lib.training_controller(tc.threads, dist.device, dist.world)  # None: a fixed thread count
 
     def log(event: dict):
         last.update(event)
@@ -218,6 +220,8 @@ def train(recipe, task: Task, dist: Dist, resume: Optional[Path] = None) -> dict
             if dist.any(flag.signum is not None):
                 stop = flag.signum or signal.SIGTERM
                 break
+            if threads is not None:
+                threads.begin()
             lr = optim_lib.lr_at(step, oc, tc.max_steps)
             optim_lib.set_lr(optimizer, lr)
             micro = task.batches(step)
@@ -254,6 +258,8 @@ def train(recipe, task: Task, dist: Dist, resume: Optional[Path] = None) -> dict
                                     f"({loss_val}); stopping ({where}). Lower optim.lr, check the data, or raise "
                                     "train.max_bad_steps")
             optimizer.zero_grad(set_to_none=True)
+            if threads is not None and (msg := threads.end(n_global)):
+                progress.message(f"step {step}: {msg}")
             state["step"] = step
             log_now = step % max(1, tc.log_every) == 0 or step == tc.max_steps
             if log_now:
@@ -265,6 +271,8 @@ def train(recipe, task: Task, dist: Dist, resume: Optional[Path] = None) -> dict
                       "grad_norm": gnorm}
                 if mfu is not None:
                     ev["mfu"] = mfu
+                if dist.device.type == "cpu":
+                    ev["threads"] = threads.n if threads is not None else torch.get_num_threads()
                 if task.stats is not None:
                     ev.update(task.stats())
                 log(ev)
@@ -280,6 +288,8 @@ def train(recipe, task: Task, dist: Dist, resume: Optional[Path] = None) -> dict
         if step > start:
             save(step)
     progress.close()
+    if threads is not None:
+        threads.close()
     if metrics_f is not None:
         metrics_f.close()
     if stop is not None:
