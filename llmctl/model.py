@@ -16,83 +16,18 @@ from __future__ import annotations
 
 import contextlib
 import math
-from dataclasses import dataclass
-from typing import Optional
-
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
 from torch.utils.checkpoint import checkpoint
 
 from llmctl import attention as cpu_attention
+from llmctl.config import ModelConfig
 
-ARCHS = ("llama", "gpt2")
 try:  # Intel AMX makes bf16 matmuls and attention fast on CPU; without it fp32 attention is faster than bf16
     CPU_HAS_AMX = bool(torch._C._cpu._init_amx())
 except Exception:
     CPU_HAS_AMX = False
-
-
-def llama_intermediate_size(n_embd: int, multiple_of: int = 64) -> int:
-    """SwiGLU hidden size: 8/3 * n_embd (same parameter count as a 4x GELU MLP), rounded up to a multiple of 64."""
-    return multiple_of * math.ceil(8 * n_embd / 3 / multiple_of)
-
-
-@dataclass
-class ModelConfig:
-    arch: str = "llama"  # "llama" (RoPE, RMSNorm, SwiGLU, GQA) or "gpt2" (learned positions, LayerNorm, GELU)
-    vocab_size: int = 32000
-    n_layer: int = 12
-    n_head: int = 12
-    n_embd: int = 768
-    n_kv_head: Optional[int] = None  # None -> n_head; fewer = grouped-query attention (llama only)
-    head_dim: Optional[int] = None  # None -> n_embd // n_head
-    intermediate_size: Optional[int] = None  # None -> llama: llama_intermediate_size(n_embd); gpt2: 4 * n_embd
-    block_size: int = 1024  # maximum number of positions
-    rope_theta: float = 10000.0
-    norm_eps: float = 1e-5
-    qkv_bias: bool = False  # biases on q/k/v projections (Qwen2); gpt2 always has biases
-    attn_out_bias: bool = False  # bias on o_proj as well (Llama's attention_bias=True sets both)
-    tie_embeddings: Optional[bool] = None  # None -> llama False, gpt2 True
-    dropout: float = 0.0  # attention probabilities, residual branches (and gpt2 embeddings)
-    bos_token_id: Optional[int] = None
-    eos_token_id: Optional[int] = None
-    pad_token_id: Optional[int] = None
-    init_std: float = 0.02
-
-    def __post_init__(self):
-        """Fill the derived defaults (None -> concrete value) and validate; raises ValueError."""
-        _require(self.arch in ARCHS, f"model.arch must be one of {', '.join(ARCHS)}, got {self.arch!r}")
-        for name in ("vocab_size", "n_layer", "n_head", "n_embd", "block_size"):
-            v = getattr(self, name)
-            _require(type(v) is int and v > 0, f"model.{name} must be a positive integer, got {v!r}")
-        if self.n_kv_head is None:
-            self.n_kv_head = self.n_head
-        _require(self.n_kv_head > 0 and self.n_head % self.n_kv_head == 0,
-                 f"model.n_head ({self.n_head}) must be a multiple of model.n_kv_head ({self.n_kv_head})")  # fmt: skip
-        if self.head_dim is None:
-            _require(self.n_embd % self.n_head == 0,
-                     f"model.n_embd ({self.n_embd}) must be divisible by model.n_head ({self.n_head})")  # fmt: skip
-            self.head_dim = self.n_embd // self.n_head
-        _require(self.head_dim > 0 and (self.head_dim % 2 == 0 or self.arch == "gpt2"),
-                 f"model.head_dim must be positive and even (rotary embeddings), got {self.head_dim}")  # fmt: skip
-        if self.intermediate_size is None:
-            self.intermediate_size = 4 * self.n_embd if self.arch == "gpt2" else llama_intermediate_size(self.n_embd)
-        if self.tie_embeddings is None:
-            self.tie_embeddings = self.arch == "gpt2"
-        if self.arch == "gpt2":
-            _require(self.n_kv_head == self.n_head, "gpt2 has no grouped-query attention: n_kv_head must equal n_head")
-            _require(self.head_dim * self.n_head == self.n_embd, "gpt2 needs head_dim * n_head == n_embd")
-        _require(self.qkv_bias or not self.attn_out_bias,
-                 "model.attn_out_bias needs model.qkv_bias (no HF architecture has an o_proj bias alone)")  # fmt: skip
-        _require(0.0 <= self.dropout < 1.0, f"model.dropout must be in [0, 1), got {self.dropout}")
-        _require(min(self.rope_theta, self.norm_eps, self.init_std) > 0,
-                 "model.rope_theta, model.norm_eps and model.init_std must be positive")  # fmt: skip
-
-
-def _require(ok: bool, msg: str) -> None:
-    if not ok:
-        raise ValueError(msg)
 
 
 class KVCache:
@@ -138,7 +73,7 @@ def attend(q, k, v, mask, cache, layer_idx, dropout_p):
         k, v = k.to(q.dtype), v.to(q.dtype)
     dtype, upcast = q.dtype, q.device.type == "cpu" and not CPU_HAS_AMX
     upcast = upcast and (dtype != torch.float32 or torch.is_autocast_enabled("cpu"))
-    if upcast:  # CPU without AMX: bf16/fp16 flash attention is 2-3x slower than fp32
+    if upcast:  # CPU without AMX: bf16/fp16 flash attention is slower than fp32
         q, k, v = q.float(), k.float(), v.float()
     if cpu_attention.applies(q, k, mask, cache, dropout_p):  # fp32 CPU training / full forward: llmctl's kernels
         return cpu_attention.causal_attention(q, k, v)[0].to(dtype)
@@ -365,7 +300,7 @@ def _drop(x, p, training):
 def linear_cross_entropy(h, w, targets, dtype, need_h=False, need_w=False, chunk=None):
     """sum_i CE(h_i @ w.T, targets_i) over targets != -100, computed `chunk` rows at a time, with the gradients
     w.r.t. h [N, C] and w [V, C] (if asked) computed in the same pass. The [N, V] logits never exist whole:
-    less memory, and each chunk's softmax stays in cache (~1.5x faster than lm_head + F.cross_entropy on CPU).
+    less memory, and each chunk's softmax stays in cache.
     Matmuls run in `dtype` (the autocast dtype), softmax and the loss in fp32."""
     N, V = h.size(0), w.size(0)
     chunk = chunk or max(64, 2**21 // V)  # ~8 MB of fp32 logits per chunk
@@ -462,9 +397,6 @@ class Transformer(nn.Module):
     def get_input_embeddings(self) -> nn.Embedding:
         return self.model.embed_tokens if self.config.arch == "llama" else self.transformer.wte
 
-    def get_output_embeddings(self) -> nn.Linear:
-        return self.lm_head
-
     def tie_weights(self) -> None:
         if self.config.tie_embeddings:
             self.lm_head.weight = self.get_input_embeddings().weight
@@ -523,16 +455,6 @@ class Transformer(nn.Module):
         cfg = self.config
         n = sum(m.weight.numel() for m in self.modules() if isinstance(m, nn.Linear))
         return 6 * n + 12 * cfg.n_layer * cfg.n_head * cfg.head_dim * seq_len
-
-    def param_groups(self, weight_decay: float) -> list[dict]:
-        """AdamW groups: decay on matmul weights (2-D, lm_head included unless tied); no decay on embeddings
-        (token, position, hence a tied lm_head), norms and biases. Only parameters that require grad."""
-        embeddings = {id(m.weight) for m in self.modules() if isinstance(m, nn.Embedding)}
-        decay, no_decay = [], []
-        for p in self.parameters():
-            if p.requires_grad:
-                (decay if p.dim() >= 2 and id(p) not in embeddings else no_decay).append(p)
-        return [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
 
     # --- inference helpers ---
 

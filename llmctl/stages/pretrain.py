@@ -10,24 +10,13 @@ import torch
 
 from llmctl import hf, loop
 from llmctl.checkpoint import find_resume
+from llmctl.config import model_config
 from llmctl.data import NoSplit, TokenShards
 from llmctl.dist import Dist
 from llmctl.errors import UserError
 from llmctl.evaluate import loss_and_bpb, nats_bytes_sums, token_logprobs
-from llmctl.model import ModelConfig, Transformer
+from llmctl.model import Transformer
 from llmctl.tokenizer import load_tokenizer
-
-
-def model_config(recipe, tok) -> ModelConfig:
-    m = recipe.model
-    try:
-        return ModelConfig(
-            arch=m.arch, vocab_size=tok.vocab_size, n_layer=m.n_layer, n_head=m.n_head, n_kv_head=m.n_kv_head,
-            n_embd=m.n_embd, block_size=m.block_size, intermediate_size=m.intermediate_size,
-            rope_theta=m.rope_theta, qkv_bias=m.qkv_bias, tie_embeddings=m.tie_embeddings or m.arch == "gpt2",
-            dropout=m.dropout, bos_token_id=tok.bos_id, eos_token_id=tok.eos_id, pad_token_id=tok.pad_id)
-    except ValueError as e:
-        raise UserError(f"model: {e}") from None
 
 
 class WindowBatches:
@@ -106,7 +95,8 @@ def run(recipe) -> dict:
     tok = load_tokenizer(recipe.tokenizer)
     train_data = TokenShards(recipe.data.train, "train")
     val_data = val_shards(recipe, dist)
-    cfg = model_config(recipe, tok)
+    cfg = model_config(recipe.model, vocab_size=tok.vocab_size, bos_token_id=tok.bos_id, eos_token_id=tok.eos_id,
+                       pad_token_id=tok.pad_id)
     for name, ds in (("data.train", train_data), ("data.val", val_data)):
         if ds.meta.get("tokenizer_hash") != tok.hash():
             raise UserError(f"{name} was encoded with another tokenizer than {recipe.tokenizer} "
