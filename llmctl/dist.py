@@ -65,9 +65,6 @@ class Dist:
     def prepare(self, model, optimizer):
         return self.accelerator.prepare(model, optimizer)
 
-    def unwrap(self, model):
-        return self.accelerator.unwrap_model(model, keep_torch_compile=False)
-
     # ------------------------------------------------------------------ steps
     def backward(self, loss):
         self.accelerator.backward(loss)

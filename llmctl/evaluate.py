@@ -40,6 +40,7 @@ from typing import Callable, Iterable, Sequence
 import numpy as np
 import torch
 
+from llmctl.chat import encode_prompt, fit_prompt, prefix_ids
 from llmctl.data import iter_jsonl
 from llmctl.errors import UserError
 
@@ -195,14 +196,6 @@ def corpus_loss(model, tok, texts: Sequence[str], **kwargs) -> dict:
 # ---------------------------------------------------------------------------------------- log-likelihoods
 
 
-def prefix_ids(tok) -> list[int]:
-    """What goes before every context: [bos], else [eos] (lm-eval's prefix token), else nothing."""
-    for i in (tok.bos_id, tok.eos_id):
-        if i is not None:
-            return [i]
-    return []
-
-
 def encode_pair(tok, context: str, continuation: str) -> tuple[list[int], list[int]]:
     """(context ids, continuation ids) as lm-eval-harness splits them (see the module doc), context after bos."""
     n = len(context) - len(context.rstrip())
@@ -342,41 +335,35 @@ def normalize_answer(text) -> str:
     return " ".join(_canonical_number(w) for w in s.split(" ")) if s else ""
 
 
-def answers_of(item: dict) -> list[str]:
-    a = item["answer"]
-    return [str(x) for x in a] if isinstance(a, list) else [str(a)]
+def matches(completion: str, answer) -> bool:
+    """Whether a completion is right: equal, after `normalize_answer`, to the answer (a string, a number, or a
+    list of accepted ones). The one exact-match rule: eval, held-out evaluation during training, RL rewards."""
+    answers = answer if isinstance(answer, (list, tuple)) else [answer]
+    return normalize_answer(completion) in {normalize_answer(a) for a in answers}
 
 
 def generate_completions(model, tok, prompts: Sequence[str], max_new_tokens: int = 32, until: Sequence[str] = ("\n",),
                          batch_size: int | None = 16, chat: bool = False) -> list[str]:
     """Greedy completions through the generate engine (llmctl.engine): each prompt after bos (or, with chat, as
     a user message in the chat template, stopping at <|im_end|>), cut before the first of `until`; a prompt too
-    long for the context keeps bos and its last tokens."""
+    long for the context keeps bos and its last tokens (chat.encode_prompt, chat.fit_prompt)."""
     from llmctl.engine import Engine, SamplingParams
 
-    engine = Engine(model, tok)
     stop_ids = (tok.im_end_id,) if chat and tok.im_end_id is not None else ()
     try:
         params = SamplingParams(max_new_tokens=max_new_tokens, temperature=0.0, stop=tuple(until),
                                 stop_token_ids=stop_ids)  # fmt: skip
-        ids = []
-        for p in prompts:
-            x = tok.encode_chat([{"role": "user", "content": p}], add_generation_prompt=True)[0] if chat else \
-                prefix_ids(tok) + tok.encode(p)
-            ids.append(engine.fit_prompt(x, max_new_tokens, keep_first=int(bool(x) and x[0] == tok.bos_id))[0])
+        ids = [fit_prompt(tok, encode_prompt(tok, p, chat=chat, always_prefix=True), model.config.block_size,
+                          max_new_tokens)[0] for p in prompts]  # fmt: skip
     except ValueError as e:
         raise UserError(f"--max-new-tokens: {e}") from None
-    return [r.text for r in engine.generate(ids, params, batch_size=batch_size)]
+    return [r.text for r in Engine(model, tok).generate(ids, params, batch_size=batch_size)]
 
 
 def exact_match(completions: Sequence[str], items: Sequence[dict]) -> dict:
-    """Accuracy of completions against each item's answer (a string, a number, or a list of accepted ones),
-    compared after `normalize_answer`."""
-    per_item = []
-    for c, it in zip(completions, items):
-        pred = normalize_answer(c)
-        gold = {normalize_answer(a) for a in answers_of(it)}
-        per_item.append({"completion": c, "pred": pred, "correct": pred in gold})
+    """Accuracy of completions against each item's answer (see `matches`)."""
+    per_item = [{"completion": c, "pred": normalize_answer(c), "correct": matches(c, it["answer"])}
+                for c, it in zip(completions, items)]  # fmt: skip
     n = len(per_item)
     return {"exact_match": sum(p["correct"] for p in per_item) / n if n else float("nan"), "n": n, "items": per_item}
 

@@ -18,6 +18,7 @@ import os
 import sys
 
 from llmctl import evaluate
+from llmctl.chat import prefix_ids
 from llmctl.errors import UserError
 
 
@@ -51,7 +52,7 @@ def make_lm(model, tok, batch_size: int = 16):
         def loglikelihood_rolling(self, requests, disable_tqdm: bool = False):
             from lm_eval.utils import get_rolling_token_windows, make_disjoint_window
 
-            prefix = evaluate.prefix_ids(self.tok)
+            prefix = prefix_ids(self.tok)
             if not prefix:
                 raise UserError("loglikelihood_rolling needs a bos or eos token to start from")
             out = []

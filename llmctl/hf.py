@@ -22,7 +22,8 @@ import torch
 
 from llmctl.checkpoint import resolve_model_dir, writing
 from llmctl.errors import UserError
-from llmctl.model import ModelConfig, Transformer
+from llmctl.config import ModelConfig
+from llmctl.model import Transformer, unwrap
 
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "chat_template.jinja")
 LLAMA_TYPES = ("llama", "mistral", "qwen2")
@@ -166,22 +167,12 @@ def _read_json(p: Path) -> dict:
 # ------------------------------------------------------------------------------------------------------ save / load
 
 
-def unwrap(model: torch.nn.Module) -> Transformer:
-    """The bare Transformer inside torch.compile (`_orig_mod`) and DDP/FSDP-style (`module`) wrappers."""
-    while not isinstance(model, Transformer):
-        inner = getattr(model, "_orig_mod", None) or getattr(model, "module", None)
-        if inner is None:
-            raise TypeError(f"expected an llmctl Transformer, got {type(model).__name__}")
-        model = inner
-    return model
-
-
 def save_model(model, out_dir, *, tokenizer_dir=None, dtype=None) -> Path:
     """Write a Hugging Face model folder: config.json, model.safetensors, generation_config.json and the tokenizer
     files found in `tokenizer_dir` (a folder, or a tokenizer.json path). dtype: weights dtype (default: the model's)."""
     from safetensors.torch import save_file
 
-    model = unwrap(model)
+    model = unwrap(model, Transformer)
     cfg = model.config
     dtype = _as_dtype(dtype) if dtype is not None else model.lm_head.weight.dtype
     out = Path(out_dir)

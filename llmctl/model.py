@@ -30,6 +30,23 @@ except Exception:
     CPU_HAS_AMX = False
 
 
+def unwrap(model: nn.Module, kind: type | None = None) -> nn.Module:
+    """The module inside torch.compile (`_orig_mod`), DDP / FSDP (`module`) and peft (`get_base_model()`) wrappers,
+    in any nesting: the first of type `kind`, or with no kind the innermost. TypeError when there is none."""
+    while kind is None or not isinstance(model, kind):
+        inner = getattr(model, "_orig_mod", None)
+        if inner is None:
+            inner = getattr(model, "module", None)
+        if inner is None and hasattr(model, "get_base_model"):
+            inner = model.get_base_model()
+        if inner is None:
+            if kind is None:
+                return model
+            raise TypeError(f"expected an llmctl {kind.__name__}, got {type(model).__name__}")
+        model = inner
+    return model
+
+
 class KVCache:
     """Static key/value buffers per layer, [B, nkv, max_len, hd], and `pos`: how many positions are filled.
 

@@ -3,7 +3,6 @@ its frozen reference (for DPO, PPO and GRPO's KL) and the function that writes i
 
 from __future__ import annotations
 
-import copy
 from contextlib import contextmanager
 from pathlib import Path
 
@@ -12,6 +11,7 @@ import torch
 from llmctl import hf
 from llmctl.checkpoint import resolve_model_dir
 from llmctl.errors import UserError
+from llmctl.model import unwrap
 from llmctl.tokenizer import load_tokenizer
 
 
@@ -30,7 +30,7 @@ class Policy:
 
             base = hf.load_model(self.base_dir)
             self.peft = lora_lib.load(base, resume, trainable=True) if resume else lora_lib.apply(base, lora_section)
-            self.model = self.peft.get_base_model()
+            self.model = unwrap(self.peft)
         else:
             self.peft = None
             self.model = hf.load_model(resume or self.base_dir)
@@ -62,10 +62,6 @@ class Policy:
                                 f"policy's {self.model.config.vocab_size}")
         with torch.no_grad():
             yield self._ref
-
-    def frozen_copy(self):
-        """A frozen snapshot of the current policy weights (e.g. a rollout policy)."""
-        return copy.deepcopy(self.model).eval().requires_grad_(False)
 
     def describe(self) -> str:
         n_all = sum(p.numel() for p in self.model.parameters())

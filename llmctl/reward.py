@@ -22,9 +22,10 @@ import torch.nn as nn
 
 from llmctl.checkpoint import resolve_model_dir
 from llmctl.errors import UserError
+from llmctl.config import ModelConfig
 from llmctl.hf import (GPT2_CONV1D, IGNORED_KEYS, _as_dtype, _read_json, _weight_files, check_keys, config_from_hf,
-                       config_to_hf, copy_tokenizer, load_state, unwrap)  # fmt: skip
-from llmctl.model import ModelConfig, Transformer
+                       config_to_hf, copy_tokenizer, load_state)  # fmt: skip
+from llmctl.model import Transformer, unwrap
 
 
 class RewardModel(nn.Module):
@@ -54,7 +55,7 @@ class RewardModel(nn.Module):
     def from_causal_lm(cls, model: nn.Module, score_std: float | None = None) -> RewardModel:
         """A reward model from a causal LM (e.g. `hf.load_model(init_from)`), unwrapping torch.compile / DDP.
         It takes the model's weights over and removes its lm_head: pass a copy to keep the causal LM."""
-        return cls(unwrap(model), score_std)
+        return cls(unwrap(model, Transformer), score_std)
 
     def forward(self, idx: torch.Tensor, attention_mask: torch.Tensor | None = None, *,
                 per_token: bool = False) -> torch.Tensor:  # fmt: skip
@@ -73,15 +74,6 @@ class RewardModel(nn.Module):
 # ------------------------------------------------------------------------------------------------------ save / load
 
 
-def _unwrap_reward(model: nn.Module) -> RewardModel:
-    while not isinstance(model, RewardModel):
-        inner = getattr(model, "_orig_mod", None) or getattr(model, "module", None)
-        if inner is None:
-            raise TypeError(f"expected an llmctl RewardModel, got {type(model).__name__}")
-        model = inner
-    return model
-
-
 def reward_config_to_hf(cfg: ModelConfig, pad_token_id: int, dtype: torch.dtype = torch.float32) -> dict:
     """hf.config_to_hf's dict for the sequence-classification head: architectures, one label, pad_token_id."""
     d = config_to_hf(cfg, dtype)
@@ -98,7 +90,7 @@ def save_reward_model(model: nn.Module, out_dir, *, pad_token_id: int | None = N
     pooled token by it (see the module doc). dtype: weights dtype (default: the model's)."""
     from safetensors.torch import save_file
 
-    model = _unwrap_reward(model)
+    model = unwrap(model, RewardModel)
     cfg = model.config
     pad = cfg.pad_token_id if pad_token_id is None else pad_token_id
     if pad is None:

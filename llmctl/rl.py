@@ -149,11 +149,6 @@ def load_prompts(path, limit: int | None) -> list[dict]:
     return rows
 
 
-def _matches(completion: str, answer) -> bool:
-    gold = {evaluate.normalize_answer(a) for a in evaluate.answers_of({"answer": answer})}
-    return evaluate.normalize_answer(completion) in gold
-
-
 # --------------------------------------------------------------------------------------------------- rewards
 
 
@@ -209,7 +204,7 @@ class Rewards:
 
     def __call__(self, rows, completions, seqs, device) -> list[float]:
         if self.kind == "exact-match":
-            return [float(_matches(c, r["answer"])) for r, c in zip(rows, completions)]
+            return [float(evaluate.matches(c, r["answer"])) for r, c in zip(rows, completions)]
         if self.kind == "function":
             out = []
             for r, c in zip(rows, completions):
@@ -364,7 +359,7 @@ class RlTask:
         answered = [(t, row["answer"]) for t, row in zip(texts, rows) if row["answer"] is not None]
         log_ratio = (b["old_logp"] - b["ref_logp"]) * keep  # k1: its mean estimates KL(policy || reference)
         self._add(n_seq=N, reward=float(reward.sum()), resp_tokens=float(keep.sum()), kl=float(log_ratio.sum()),
-                  answered=len(answered), correct=float(sum(_matches(t, a) for t, a in answered)))
+                  answered=len(answered), correct=float(sum(evaluate.matches(t, a) for t, a in answered)))
         self.timings["generate_s"] += t1 - t0
         self.timings["score_s"] += time.perf_counter() - t1
         self.timings["rollouts"] += 1

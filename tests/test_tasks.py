@@ -1,5 +1,5 @@
 """Built-in verifiable tasks (llmctl.tasks): determinism, disjoint splits, right answers, wrong rejected answers,
-file formats and the `python -m llmctl.tasks` command line."""
+file formats and the `llmctl tasks` command line."""
 
 from __future__ import annotations
 
@@ -14,7 +14,7 @@ import pytest
 
 from llmctl import tasks
 from llmctl.errors import UserError
-from llmctl.evaluate import normalize_answer, read_jsonl
+from llmctl.evaluate import matches, normalize_answer, read_jsonl
 
 FILES = [f"{k}_{s}.jsonl" for k in ("sft", "rl", "pref") for s in ("train", "test")]
 REPO = Path(__file__).resolve().parents[1]
@@ -126,14 +126,14 @@ def test_formats(tmp_path):
     assert not q_train & {r["prompt"] for r in read_jsonl(paths["rl_test"], "exact-match")}
 
 
-def test_reward():
-    assert tasks.reward("82", "82") == 1.0
-    assert tasks.reward(" 82.\n", "82") == 1.0
-    assert tasks.reward("Odd", "odd") == 1.0
-    assert tasks.reward("1 2 3", "1 2 3") == 1.0
-    assert tasks.reward("83", "82") == 0.0
-    assert tasks.reward("", "82") == 0.0
-    assert tasks.reward("b", ["a", "b"]) == 1.0
+def test_reward_is_the_exact_match_rule():
+    assert matches("82", "82") == 1.0
+    assert matches(" 82.\n", "82") == 1.0
+    assert matches("Odd", "odd") == 1.0
+    assert matches("1 2 3", "1 2 3") == 1.0
+    assert matches("83", "82") == 0.0
+    assert matches("", "82") == 0.0
+    assert matches("b", ["a", "b"]) == 1.0
 
 
 def test_bad_arguments():
@@ -144,7 +144,7 @@ def test_bad_arguments():
 
 
 def test_cli(tmp_path):
-    cmd = [sys.executable, "-m", "llmctl.tasks", "--out", str(tmp_path / "t"), "--n-train", "40", "--n-test", "8",
+    cmd = [sys.executable, "-m", "llmctl", "tasks", "--out", str(tmp_path / "t"), "--n-train", "40", "--n-test", "8",
            "--seed", "1", "--families", "add,reverse"]  # fmt: skip
     r = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, check=False)
     assert r.returncode == 0, r.stderr
@@ -155,11 +155,16 @@ def test_cli(tmp_path):
         tasks.write_tasks(tmp_path / "u", 40, 8, seed=1, families=["add", "reverse"])["sft_test"].read_bytes()
 
 
-def test_main_errors(tmp_path, capsys):
-    assert tasks.main(["--out", str(tmp_path / "v"), "--families", "nope"]) == 2
-    assert capsys.readouterr().err.startswith("error: unknown task family nope")
+def test_cli_errors(tmp_path):
+    def llmctl_tasks(*args):
+        return subprocess.run([sys.executable, "-m", "llmctl", "tasks", *args], cwd=REPO, capture_output=True,
+                              text=True, check=False)  # fmt: skip
+
+    r = llmctl_tasks("--out", str(tmp_path / "v"), "--families", "nope")
+    assert r.returncode == 2
+    assert r.stderr.startswith("error: unknown task family nope")
     assert not (tmp_path / "v").exists()
-    assert tasks.main(["--out", str(tmp_path / "w"), "--n-train", "-1"]) == 2
+    assert llmctl_tasks("--out", str(tmp_path / "w"), "--n-train", "-1").returncode == 2
 
 
 def test_alt_phrasing_is_the_same_items_worded_otherwise(all_items):
