@@ -314,9 +314,9 @@ def rlhf(
     if dry_run:
         sys.stdout.write(dump_recipe(cfg))
         return
-    from llmctl.stages import rlhf as stage
+    from llmctl.stages import dpo, reward, rl
 
-    return stage.run(cfg)
+    return {"reward": reward, "dpo": dpo, "ppo": rl, "grpo": rl}[cfg.method].run(cfg)  # the stage of the method
 
 
 def _train(kind: str, recipe: Path, overrides, dry_run: bool, show_mask: bool) -> None:

@@ -34,14 +34,12 @@ import math
 import re
 import sys
 import unicodedata
-from pathlib import Path
-from typing import Callable, Iterable, Sequence
+from typing import Iterable, Sequence
 
 import numpy as np
 import torch
 
 from llmctl.chat import encode_prompt, fit_prompt, prefix_ids
-from llmctl.data import iter_jsonl
 from llmctl.errors import UserError
 
 # --------------------------------------------------------------------------------------------------- helpers
@@ -66,23 +64,32 @@ def progress_bar(total: int, desc: str, enabled: bool = True):
         yield lambda n=1: bar.advance(task, n)
 
 
-def token_logprobs(model, h: torch.Tensor, targets: torch.Tensor, greedy: bool = False):
-    """log p(targets) [N] (fp32) from final hidden states h [N, C] through the model's lm_head, a chunk of rows
-    at a time (the [N, vocab] logits never exist whole); with greedy, also whether each target is the argmax."""
+def token_logprobs(model, h: torch.Tensor, targets: torch.Tensor, *, temperature: float = 1.0, greedy: bool = False):
+    """log p(targets) [N] (fp32) from final hidden states h [N, C] through the model's lm_head (of logits /
+    temperature), a chunk of rows at a time (the [N, vocab] logits never exist whole); with greedy, also whether
+    each target is the argmax. The one per-token log-prob of llmctl: evaluation, DPO, reward and RL; with gradient
+    when h (or the head) has one."""
     n, vocab = h.size(0), model.config.vocab_size
-    chunk = max(32, 2**21 // vocab)  # ~8 MB of fp32 logits a chunk: the fastest tried on CPU (vocab 4k, 8k)
-    out = torch.empty(n, dtype=torch.float32, device=h.device)
+    chunk = max(32, 2**21 // vocab)  # ~8 MB of fp32 logits a chunk
+    grad = torch.is_grad_enabled() and (h.requires_grad or model.lm_head.weight.requires_grad)
+    out = [] if grad else torch.empty(n, dtype=torch.float32, device=h.device)
     hits = torch.empty(n, dtype=torch.bool, device=h.device) if greedy else None
     for s in range(0, n, chunk):
         logits = model.lm_head(h[s : s + chunk]).float()  # [n, V]
+        if temperature != 1.0:
+            logits = logits / temperature
         t = targets[s : s + chunk, None]  # [n, 1]
         target_logit = logits.gather(1, t)  # [n, 1]
         if greedy:
             hits[s : s + chunk] = logits.argmax(dim=-1) == t[:, 0]
-        m = logits.amax(dim=-1, keepdim=True)  # [n, 1]
-        z = logits.sub_(m).exp_().sum(dim=-1, keepdim=True)  # in place: one pass, no second [n, V] tensor
-        out[s : s + chunk] = (target_logit - m - z.log())[:, 0]
-    return out, hits
+        m = logits.detach().amax(dim=-1, keepdim=True)  # [n, 1]
+        e = (logits - m).exp() if grad else logits.sub_(m).exp_()  # no grad: in place, no second [n, V] tensor
+        lp = (target_logit - m - e.sum(dim=-1, keepdim=True).log())[:, 0]
+        if grad:
+            out.append(lp)
+        else:
+            out[s : s + chunk] = lp
+    return (torch.cat(out) if out else h.new_zeros(0, dtype=torch.float32)) if grad else out, hits
 
 
 # ---------------------------------------------------------------------------------------- corpus: ppl / bpb
@@ -368,64 +375,24 @@ def exact_match(completions: Sequence[str], items: Sequence[dict]) -> dict:
     return {"exact_match": sum(p["correct"] for p in per_item) / n if n else float("nan"), "n": n, "items": per_item}
 
 
-# ---------------------------------------------------------------------------------------- data files
+def held_out_exact_match(path, section, tok, dist):
+    """The evaluation a training stage runs on a {"prompt", "answer"} file: exact_match of greedy completions
+    (section: eval.limit rows, eval.max_new_tokens, eval.chat), each process a share, summed. None without a file;
+    the returned function takes the bare model."""
+    if not path:
+        return None
+    from llmctl.examples import load
 
+    local = load(path, "exact-match", section.limit)[dist.rank :: dist.world]
 
-def _check_mc(row: dict) -> str | None:
-    ch = row.get("choices")
-    if not isinstance(row.get("question"), str):
-        return 'field "question" must be a string'
-    if not isinstance(ch, list) or len(ch) < 2 or not all(isinstance(c, str) and c for c in ch):
-        return 'field "choices" must be a list of at least 2 non-empty strings'
-    a = row.get("answer")
-    if type(a) is not int or not 0 <= a < len(ch):
-        return f'field "answer" must be the index of the right choice (an integer in [0, {len(ch) - 1}])'
-    return None
+    def run(model) -> dict:
+        right = torch.zeros(2, dtype=torch.float64)
+        if local:
+            done = exact_match(generate_completions(model, tok, [r["prompt"] for r in local], section.max_new_tokens,
+                                                    chat=section.chat), local)  # fmt: skip
+            right += torch.tensor([sum(i["correct"] for i in done["items"]), len(local)], dtype=torch.float64)
+        right = dist.all_sum(right).cpu()
+        return {"exact_match": float(right[0] / right[1])}
 
+    return run
 
-def _check_em(row: dict) -> str | None:
-    a = row.get("answer")
-    ok = lambda v: isinstance(v, (str, int, float)) and not isinstance(v, bool)  # noqa: E731
-    if not isinstance(row.get("prompt"), str):
-        return 'field "prompt" must be a string'
-    if not (ok(a) or (isinstance(a, list) and a and all(ok(v) for v in a))):
-        return 'field "answer" must be a string, a number or a non-empty list of them'
-    return None
-
-
-def _check_pref(row: dict) -> str | None:
-    for k in ("prompt", "chosen", "rejected"):
-        if not isinstance(row.get(k), str):
-            return f'field "{k}" must be a string'
-    if not row["chosen"] or not row["rejected"]:
-        return 'fields "chosen" and "rejected" must not be empty'
-    return None
-
-
-SCHEMAS: dict[str, tuple[str, Callable[[dict], str | None]]] = {
-    "mc": ('{"question": ..., "choices": [...], "answer": INDEX}', _check_mc),
-    "exact-match": ('{"prompt": ..., "answer": ...}', _check_em),
-    "preference": ('{"prompt": ..., "chosen": ..., "rejected": ...}', _check_pref),
-}
-
-
-def read_jsonl(path, task: str, limit: int | None = None) -> list[dict]:
-    """Records of a `.jsonl` / `.jsonl.gz` file for `task` (a key of SCHEMAS); blank lines are skipped; a bad
-    line is a UserError naming file:line."""
-    p = Path(path)
-    if not p.exists():
-        raise UserError(f"no such file: {p}")
-    if p.is_dir():
-        raise UserError(f"--data for --task {task} must be a JSONL file, got a directory: {p}")
-    shape, check = SCHEMAS[task]
-    rows = []
-    for lineno, row in iter_jsonl(p):
-        if limit is not None and len(rows) >= limit:
-            break
-        problem = check(row) if isinstance(row, dict) else f"expected an object {shape}"
-        if problem:
-            raise UserError(f"{p}:{lineno}: {problem} (--task {task} reads {shape})")
-        rows.append(row)
-    if not rows:
-        raise UserError(f"{p} holds no records")
-    return rows

@@ -1,5 +1,6 @@
-"""A reward model: the llmctl Transformer as a backbone (no lm_head) plus a scalar `score` head, read at the last
-real token of each row; saved as a Hugging Face sequence-classification folder.
+"""Rewards. A reward model: the llmctl Transformer as a backbone (no lm_head) plus a scalar `score` head, read at
+the last real token of each row; saved as a Hugging Face sequence-classification folder. And `Rewards`, what RL's
+rl.reward names: exact match, such a reward model, or a Python function.
 
 A folder written by `save_reward_model` loads with `transformers.AutoModelForSequenceClassification` as
 `LlamaForSequenceClassification` / `Qwen2ForSequenceClassification` / `GPT2ForSequenceClassification`
@@ -13,8 +14,10 @@ never eos when sequences end with eos.
 
 from __future__ import annotations
 
+import importlib.util
 import json
 import math
+from collections.abc import Callable
 from pathlib import Path
 
 import torch
@@ -22,7 +25,7 @@ import torch.nn as nn
 
 from llmctl.checkpoint import resolve_model_dir
 from llmctl.errors import UserError
-from llmctl.config import ModelConfig
+from llmctl.config import ModelConfig, reward_kind
 from llmctl.hf import (GPT2_CONV1D, IGNORED_KEYS, _as_dtype, _read_json, _weight_files, check_keys, config_from_hf,
                        config_to_hf, copy_tokenizer, load_state)  # fmt: skip
 from llmctl.model import Transformer, unwrap
@@ -132,3 +135,73 @@ def load_reward_model(path, *, device="cpu", dtype=torch.float32) -> RewardModel
     check_keys(d, missing, unexpected, "reward model",
                " (a causal LM, not a reward model?)" if "score.weight" in missing else "")
     return model.eval()
+
+
+# ------------------------------------------------------------------------------------------------------ RL rewards
+
+
+def load_reward_function(spec: str) -> Callable:
+    """path/to/file.py:function -> the function (imported from the file, not from sys.path)."""
+    path, _, name = spec.rpartition(":")
+    p = Path(path)
+    mod_spec = importlib.util.spec_from_file_location(f"llmctl_reward_{abs(hash(str(p.resolve())))}", p)
+    if mod_spec is None or mod_spec.loader is None:
+        raise UserError(f"rl.reward: cannot import {path} (expected a .py file)")
+    module = importlib.util.module_from_spec(mod_spec)
+    try:
+        mod_spec.loader.exec_module(module)
+    except Exception as e:  # noqa: BLE001 - the user's code
+        raise UserError(f"rl.reward: importing {path} failed: {type(e).__name__}: {e}") from None
+    fn = getattr(module, name, None)
+    if not callable(fn):
+        have = sorted(k for k, v in vars(module).items() if callable(v) and not k.startswith("_"))
+        raise UserError(f"rl.reward: {path} has no function {name!r} (functions there: {', '.join(have) or 'none'})")
+    return fn
+
+
+class Rewards:
+    """One reward per completion, from rl.reward (its form checked by config.reward_kind):
+    exact-match                 1.0 when the completion matches the row's "answer" (evaluate.matches), else 0.0;
+    a reward MODEL directory    its score on prompt + response tokens, as the policy saw them (it must share the
+                                policy's tokenizer);
+    path/to/file.py:function    function(completion: str, answer, prompt: str) -> float, called once per
+                                completion (answer: the row's "answer", None when the row has none)."""
+
+    def __init__(self, spec: str, tok, vocab_size: int):
+        self.spec, self.kind, self.fn, self.model = spec, reward_kind(spec), None, None
+        if self.kind == "function":
+            self.fn = load_reward_function(spec)
+        elif self.kind == "model":
+            from llmctl.hf import load_config
+
+            self.dir = resolve_model_dir(spec)
+            n = load_config(self.dir).vocab_size
+            if n != vocab_size:
+                raise UserError(f"rl.reward: the reward model {self.dir} has a vocabulary of {n} tokens, the "
+                                f"policy {vocab_size}: it must share the policy's tokenizer")
+            self.pad = tok.pad_id if tok.pad_id is not None else 0
+
+    def __call__(self, rows, completions, seqs, device) -> list[float]:
+        if self.kind == "exact-match":
+            from llmctl.evaluate import matches
+
+            return [float(matches(c, r["answer"])) for r, c in zip(rows, completions)]
+        if self.kind == "function":
+            out = []
+            for r, c in zip(rows, completions):
+                try:
+                    v = float(self.fn(c, r["answer"], r["prompt"]))
+                except Exception as e:  # noqa: BLE001 - the user's code
+                    raise UserError(f"rl.reward: {self.spec} raised {type(e).__name__}: {e}") from None
+                if not math.isfinite(v):
+                    raise UserError(f"rl.reward: {self.spec} returned {v} for completion {c!r}")
+                out.append(v)
+            return out
+        if self.model is None:
+            self.model = load_reward_model(self.dir, device=device).requires_grad_(False)
+        from llmctl.examples import pad_right
+
+        b = pad_right(seqs, self.pad)
+        with torch.no_grad():
+            return self.model(b["idx"].to(device), b["attention_mask"].to(device)).cpu().tolist()
+

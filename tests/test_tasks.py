@@ -14,7 +14,8 @@ import pytest
 
 from llmctl import tasks
 from llmctl.errors import UserError
-from llmctl.evaluate import matches, normalize_answer, read_jsonl
+from llmctl.evaluate import matches, normalize_answer
+from llmctl.examples import load
 
 FILES = [f"{k}_{s}.jsonl" for k in ("sft", "rl", "pref") for s in ("train", "test")]
 REPO = Path(__file__).resolve().parents[1]
@@ -115,15 +116,15 @@ def test_formats(tmp_path):
         (u, a) = row["messages"]
         assert u["role"] == "user" and a["role"] == "assistant" and u["content"] and a["content"]
     for split in ("train", "test"):
-        rl = read_jsonl(paths[f"rl_{split}"], "exact-match")
-        pref = read_jsonl(paths[f"pref_{split}"], "preference")
+        rl = load(paths[f"rl_{split}"], "exact-match")
+        pref = load(paths[f"pref_{split}"], "preference")
         assert all(list(r) == ["prompt", "answer"] for r in rl)
         assert [r["prompt"] for r in rl] == [r["messages"][0]["content"] for r in sft[split]]
         assert [r["answer"] for r in rl] == [r["messages"][1]["content"] for r in sft[split]]
         assert [(r["prompt"], r["chosen"]) for r in pref] == [(r["prompt"], r["answer"]) for r in rl]
         assert all(normalize_answer(r["chosen"]) != normalize_answer(r["rejected"]) for r in pref)
-    q_train = {r["prompt"] for r in read_jsonl(paths["rl_train"], "exact-match")}
-    assert not q_train & {r["prompt"] for r in read_jsonl(paths["rl_test"], "exact-match")}
+    q_train = {r["prompt"] for r in load(paths["rl_train"], "exact-match")}
+    assert not q_train & {r["prompt"] for r in load(paths["rl_test"], "exact-match")}
 
 
 def test_reward_is_the_exact_match_rule():
@@ -149,8 +150,8 @@ def test_cli(tmp_path):
     r = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, check=False)
     assert r.returncode == 0, r.stderr
     assert sorted(Path(p).name for p in r.stdout.split()) == sorted(FILES)
-    assert len(read_jsonl(tmp_path / "t" / "rl_train.jsonl", "exact-match")) == 40
-    assert len(read_jsonl(tmp_path / "t" / "pref_test.jsonl", "preference")) == 8
+    assert len(load(tmp_path / "t" / "rl_train.jsonl", "exact-match")) == 40
+    assert len(load(tmp_path / "t" / "pref_test.jsonl", "preference")) == 8
     assert (tmp_path / "t" / "sft_test.jsonl").read_bytes() == \
         tasks.write_tasks(tmp_path / "u", 40, 8, seed=1, families=["add", "reverse"])["sft_test"].read_bytes()
 
@@ -195,8 +196,8 @@ def test_alt_phrasing_cli(tmp_path):
                         "--n-test", "7", "--phrasing", "alt"], cwd=REPO, capture_output=True, text=True)  # fmt: skip
     assert r.returncode == 0, r.stderr
     std = tasks.write_tasks(tmp_path / "s", 14, 7)
-    alt = read_jsonl(tmp_path / "a" / "rl_test.jsonl", "exact-match")
-    ref = read_jsonl(std["rl_test"], "exact-match")
+    alt = load(tmp_path / "a" / "rl_test.jsonl", "exact-match")
+    ref = load(std["rl_test"], "exact-match")
     assert [r["answer"] for r in alt] == [r["answer"] for r in ref]
     assert all(a["prompt"] != b["prompt"] for a, b in zip(alt, ref))
     r = subprocess.run([sys.executable, "-m", "llmctl", "tasks", "--out", str(tmp_path / "b"), "--phrasing", "odd"],

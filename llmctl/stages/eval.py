@@ -13,6 +13,7 @@ if not sys.stderr.isatty():  # before anything imports tqdm: lm-eval's progress 
 import torch  # noqa: E402,F401  (loaded before lm-eval)
 
 from llmctl import evaluate, hf  # noqa: E402
+from llmctl.examples import load  # noqa: E402
 from llmctl.checkpoint import resolve_model_dir  # noqa: E402
 from llmctl.errors import UserError  # noqa: E402
 from llmctl.tokenizer import load_tokenizer  # noqa: E402
@@ -41,7 +42,7 @@ def _load_data(task, data, limit):
 
         ds = read_corpus(list(data))
         return list(ds.select(range(min(limit, len(ds))))["text"] if limit is not None else ds["text"])
-    return evaluate.read_jsonl(data[0], task, limit)
+    return load(data[0], task, limit)
 
 
 def _evaluate(model, tok, task, records, opts, ref=None) -> dict:
