@@ -28,11 +28,9 @@ Exact match (`generate_completions`, `normalize_answer`, `exact_match`)
 
 from __future__ import annotations
 
-import contextlib
 import decimal
 import math
 import re
-import sys
 import unicodedata
 from typing import Iterable, Sequence
 
@@ -41,27 +39,13 @@ import torch
 
 from llmctl.chat import encode_prompt, fit_prompt, prefix_ids
 from llmctl.errors import UserError
+from llmctl.progress import progress_bar
 
 # --------------------------------------------------------------------------------------------------- helpers
 
 
 def _device(model) -> torch.device:
     return next(model.parameters()).device
-
-
-@contextlib.contextmanager
-def progress_bar(total: int, desc: str, enabled: bool = True):
-    """Yields advance(n): a rich progress bar on stderr, only when stderr is a terminal (and enabled)."""
-    if not enabled or not sys.stderr.isatty() or total <= 0:
-        yield lambda n=1: None
-        return
-    from rich.console import Console
-    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
-
-    with Progress(TextColumn(desc), BarColumn(), MofNCompleteColumn(), TimeRemainingColumn(),
-                  console=Console(stderr=True), transient=True) as bar:  # fmt: skip
-        task = bar.add_task(desc, total=total)
-        yield lambda n=1: bar.advance(task, n)
 
 
 def token_logprobs(model, h: torch.Tensor, targets: torch.Tensor, *, temperature: float = 1.0, greedy: bool = False):

@@ -56,9 +56,9 @@ def models(tmp_path_factory, tok_dir, tok):
 
 @pytest.fixture(scope="module")
 def docs():
-    from llmctl.builtin import builtin_documents
+    from llmctl.builtin import builtin_corpus
 
-    d = builtin_documents()
+    d = builtin_corpus()
     return [d[i] for i in (0, 3, 10, 25)] + ["x", "Short one.", "naïve café — “quotes” 🙂 日本語"]
 
 

@@ -14,7 +14,7 @@ import torch
 
 from llmctl import hf, loop
 from llmctl.config import model_config
-from llmctl.data import NoSplit, TokenShards
+from llmctl.shards import NoSplit, TokenShards
 from llmctl.dist import Dist, setup
 from llmctl.errors import UserError
 from llmctl.evaluate import loss_and_bpb, nats_bytes_sums, token_logprobs
