@@ -58,7 +58,6 @@ def builtin_corpus() -> list[str]:
     return list(_memory)
 
 
-
 def _stdlib_files() -> list[Path]:
     root = Path(sysconfig.get_paths()["stdlib"])
     files = []

@@ -308,30 +308,23 @@ def rlhf(
     dry_run: bool = typer.Option(False, "--dry-run", help="Print the resolved recipe and exit."),
 ):
     """Preference and RL training: a reward model, DPO, PPO or GRPO (with or without LoRA)."""
-    from llmctl.config import RlhfRecipe, dump_recipe, load_recipe
-
-    cfg = load_recipe(recipe, overrides or [], RlhfRecipe)
-    if dry_run:
-        sys.stdout.write(dump_recipe(cfg))
-        return
-    from llmctl.stages import dpo, reward, rl
-
-    return {"reward": reward, "dpo": dpo, "ppo": rl, "grpo": rl}[cfg.method].run(cfg)  # the stage of the method
+    return _train("rlhf", recipe, overrides, dry_run, False)
 
 
 def _train(kind: str, recipe: Path, overrides, dry_run: bool, show_mask: bool) -> None:
-    from llmctl.config import LoraRecipe, SftRecipe, dump_recipe, load_recipe
+    from llmctl.config import LoraRecipe, RlhfRecipe, SftRecipe, dump_recipe, load_recipe
 
-    cfg = load_recipe(recipe, overrides or [], LoraRecipe if kind == "lora" else SftRecipe)
+    cfg = load_recipe(recipe, overrides or [], {"sft": SftRecipe, "lora": LoraRecipe, "rlhf": RlhfRecipe}[kind])
     if dry_run:
         sys.stdout.write(dump_recipe(cfg))
         return
+    if kind == "rlhf":  # the stage of the method
+        from llmctl.stages import dpo, reward, rl
+
+        return {"reward": reward, "dpo": dpo, "ppo": rl, "grpo": rl}[cfg.method].run(cfg)
     from llmctl.stages import sft as stage
 
-    if show_mask:
-        stage.show_mask(cfg)
-        return
-    return stage.run(cfg, lora=kind == "lora")
+    return stage.show_mask(cfg) if show_mask else stage.run(cfg, lora=kind == "lora")
 
 
 # --------------------------------------------------------------------------------------------- generate

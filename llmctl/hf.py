@@ -20,7 +20,7 @@ from pathlib import Path
 
 import torch
 
-from llmctl.checkpoint import resolve_model_dir, writing
+from llmctl.checkpoint import read_safetensors, resolve_model_dir, writing
 from llmctl.errors import UserError
 from llmctl.config import ModelConfig
 from llmctl.model import Transformer, unwrap
@@ -223,56 +223,6 @@ def _weight_files(d: Path) -> list[Path]:
         raise UserError(f"{d} has pickled weights only (pytorch_model.bin); llmctl reads safetensors only — "
                         "convert them with transformers (save_pretrained(..., safe_serialization=True))")  # fmt: skip
     raise UserError(f"incompatible checkpoint: no model.safetensors in {d}")
-
-
-_ST_DTYPES = {"F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16,
-              "I64": torch.int64, "I32": torch.int32, "I16": torch.int16, "I8": torch.int8, "U8": torch.uint8,
-              "BOOL": torch.bool}
-
-
-def read_safetensors(path: Path, data: bool = True):
-    """(name, tensor) for every tensor of a .safetensors file, read one at a time with plain reads: unlike a
-    memory map, the file's pages never count against the process, so loading needs the model's memory plus
-    one tensor, not twice the model. A malformed file is a UserError. data=False checks the layout only."""
-    bad = lambda why: UserError(f"cannot read {path}: {why}")  # noqa: E731
-    with open(path, "rb") as f:
-        size = f.seek(0, 2)
-        f.seek(0)
-        head = f.read(8)
-        n = int.from_bytes(head, "little") if len(head) == 8 else -1
-        if not 0 < n <= size - 8:
-            raise bad("not a safetensors file (bad header length)")
-        try:
-            header = json.loads(f.read(n))
-        except ValueError as e:
-            raise bad(f"invalid header ({e})") from None
-        if not isinstance(header, dict):
-            raise bad("invalid header")
-        base = 8 + n
-        for name, info in header.items():
-            if name == "__metadata__":
-                continue
-            try:
-                dtype, shape, (start, end) = _ST_DTYPES[info["dtype"]], list(info["shape"]), info["data_offsets"]
-            except (KeyError, TypeError, ValueError):
-                raise bad(f"unsupported or malformed entry for {name!r}") from None
-            numel = 1
-            for d in shape:
-                numel *= d
-            if end - start != numel * dtype.itemsize or start < 0 or base + end > size:
-                raise bad(f"entry {name!r} does not fit the file")
-            if not data:
-                continue
-            buf = bytearray(end - start)
-            f.seek(base + start)
-            f.readinto(buf)
-            yield name, (torch.frombuffer(buf, dtype=dtype) if buf else torch.empty(0, dtype=dtype)).reshape(shape)
-
-
-def check_safetensors(path: Path) -> None:
-    """Raise UserError unless `path` is a whole safetensors file (its header parses and every tensor fits)."""
-    for _ in read_safetensors(path, data=False):
-        pass
 
 
 def load_state(params: dict, files, rename, arch: str, what: str = "checkpoint") -> tuple[set, list]:
