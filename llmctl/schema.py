@@ -54,50 +54,13 @@ def _range_text(ge, gt, le, lt) -> str:
     return f"{'<=' if hi[1] == ']' else '<'} {_fmt(hi[0])}"
 
 
-def check_domain(key: str, value, meta, error=UserError) -> None:
-    """`value` against the field metadata's choices and range; raises `error` naming the key and the domain."""
-    choices = meta.get("choices")
-    if choices and value not in choices:
-        raise error(f"{key}: must be one of {', '.join(map(str, choices))}; got {value!r}")
-    if meta.get("range") and value is not None:
-        ge, gt, le, lt = meta["range"]
-        if isinstance(value, float) and not math.isfinite(value):
-            raise error(f"{key}: must be a finite number, got {value}")
-        ok = ((ge is None or value >= ge) and (gt is None or value > gt) and (le is None or value <= le)
-              and (lt is None or value < lt))  # fmt: skip
-        if not ok:
-            raise error(f"{key}: must be {_range_text(ge, gt, le, lt)}, got {_fmt(value)}")
-
-
-@lru_cache(maxsize=None)
-def _declared(cls) -> tuple:
-    """(name, base type, metadata) of each field of dataclass `cls` (Optional[X] -> X)."""
-    hints = typing.get_type_hints(cls)
-    out = []
-    for f in dataclasses.fields(cls):
-        base = [a for a in typing.get_args(hints[f.name]) if a is not type(None)] or [hints[f.name]]
-        out.append((f.name, base[0], f.metadata))
-    return tuple(out)
-
-
-def check_fields(obj, prefix: str, error=ValueError) -> None:
-    """Every declared field of dataclass instance `obj`: numbers of the declared type and inside their domain."""
-    for name, tp, meta in _declared(type(obj)):
-        value = getattr(obj, name)
-        if value is None:
-            continue
-        if tp is int and (not isinstance(value, int) or isinstance(value, bool)):
-            raise error(f"{prefix}{name}: expected an integer, got {value!r}")
-        if tp is float and (not isinstance(value, (int, float)) or isinstance(value, bool)):
-            raise error(f"{prefix}{name}: expected a number, got {value!r}")
-        check_domain(prefix + name, value, meta, error)
-
-
 def _type_name(tp) -> str:
     return {int: "an integer", float: "a number", bool: "a boolean (true/false)", str: "a string"}.get(tp, str(tp))
 
 
 def check_value(key: str, tp, value, meta) -> Any:
+    """`value` of declared type `tp` (Optional allowed), converted where YAML misreads it, checked against the
+    field metadata's choices and range; a UserError names the key and what it must be."""
     origin = typing.get_origin(tp)
     if origin in (typing.Union, types.UnionType):
         args = [a for a in typing.get_args(tp) if a is not type(None)]
@@ -126,8 +89,27 @@ def check_value(key: str, tp, value, meta) -> Any:
         raise TypeError(f"unsupported recipe field type {tp} for {key}")
     if not ok:
         raise UserError(f"{key}: expected {_type_name(tp)}, got {value!r}")
-    check_domain(key, value, meta)
+    choices, rng = meta.get("choices"), meta.get("range")
+    if choices and value not in choices:
+        raise UserError(f"{key}: must be one of {', '.join(map(str, choices))}; got {value!r}")
+    if rng and not ((rng[0] is None or value >= rng[0]) and (rng[1] is None or value > rng[1])
+                    and (rng[2] is None or value <= rng[2]) and (rng[3] is None or value < rng[3])):  # fmt: skip
+        raise UserError(f"{key}: must be {_range_text(*rng)}, got {_fmt(value)}")
     return value
+
+
+@lru_cache(maxsize=None)
+def _hints(cls) -> dict:
+    return typing.get_type_hints(cls)
+
+
+def check_fields(obj, prefix: str, error=ValueError) -> None:
+    """Every field of dataclass instance `obj` through check_value (its type and domain), as `error`."""
+    for f in dataclasses.fields(obj):
+        try:
+            check_value(prefix + f.name, _hints(type(obj))[f.name], getattr(obj, f.name), f.metadata)
+        except UserError as e:
+            raise error(str(e)) from None
 
 
 def field_meta(cls, name: str) -> dict:
@@ -145,7 +127,7 @@ def field_meta(cls, name: str) -> dict:
 def keys_of(cls, prefix="", sections=False) -> list[str]:
     out = []
     for f in dataclasses.fields(cls):
-        tp = typing.get_type_hints(cls)[f.name]
+        tp = _hints(cls)[f.name]
         if dataclasses.is_dataclass(tp):
             out += [prefix + f.name] if sections else []
             out += keys_of(tp, f"{prefix}{f.name}.", sections)
@@ -165,7 +147,7 @@ def from_dict(cls, data: dict, *, root_cls=None, prefix: str = "", where: str = 
     root_cls = root_cls or cls
     if not isinstance(data, dict):
         raise UserError(f"{prefix.rstrip('.') or 'recipe'}: expected a mapping, got {data!r}")
-    hints = typing.get_type_hints(cls)
+    hints = _hints(cls)
     names = {f.name: f for f in dataclasses.fields(cls)}
     kwargs = {}
     for k, v in data.items():
@@ -228,7 +210,7 @@ def load_yaml(path: Path) -> dict:
 
 
 def is_section(cls, key: str) -> bool:
-    hints = typing.get_type_hints(cls)
+    hints = _hints(cls)
     head, _, rest = key.partition(".")
     if head not in hints or not dataclasses.is_dataclass(hints[head]):
         return False
