@@ -21,9 +21,12 @@ Log-likelihoods (`score_pairs`, task `mc`, task `preference`, the lm-eval adapte
     mc: each choice is the continuation " " + choice of the question; acc = argmax of the log-likelihoods is the
     answer, acc_norm = argmax of log-likelihood / len(choice) in characters (lm-eval-harness's acc_norm).
 
-Exact match (`generate_completions`, `normalize_answer`, `exact_match`)
+Exact match (`generate_completions`, `matches`, `exact_match`, `held_out_exact_match`)
     The completion (greedy, through the generate engine llmctl.engine, stopping at a newline) and the answer
-    are compared after `normalize_answer`; see its docstring for the rules.
+    are compared after `normalize_answer` (see its docstring for the rules): the one rule of `llmctl eval`, of the
+    training stages' held-out evaluation and of RL's exact-match reward.
+
+Every log-prob above, and those of DPO and RL, comes from `token_logprobs` (hidden states -> log p of targets).
 """
 
 from __future__ import annotations
@@ -93,6 +96,19 @@ def loss_and_bpb(sums: torch.Tensor) -> tuple[float, float]:
     loss = (sums[0] / sums[1]).item()
     bpb = (sums[2] / (math.log(2) * sums[3])).item() if sums[3] > 0 else float("nan")
     return loss, bpb
+
+
+def val_loss_bpb(model, batches, token_bytes: torch.Tensor, dist) -> dict:
+    """A training stage's val_loss (mean nats per scored target) and val_bpb over micro-batches {idx, targets}
+    (target -100: not scored), every process its own batches, summed across processes."""
+    sums = torch.zeros(4, dtype=torch.float64)
+    for b in batches:
+        h = model(b["idx"].to(dist.device), return_hidden=True)  # [B, T, C]
+        keep = b["targets"] != -100
+        y = b["targets"][keep]
+        sums += nats_bytes_sums(-token_logprobs(model, h[keep.to(h.device)], y.to(h.device))[0], token_bytes[y])
+    loss, bpb = loss_and_bpb(dist.all_sum(sums).cpu())
+    return {"val_loss": loss, "val_bpb": bpb}
 
 
 def sliding_windows(n_tokens: int, context: int, stride: int) -> list[tuple[int, int, int]]:

@@ -7,7 +7,7 @@ through llmctl.evaluate: `loglikelihood` -> score_pairs (lm-eval's context / con
 
 Tasks: names of lm-eval tasks, or of tasks defined by YAML files under `include` (lm-eval's include_path),
 e.g. a multiple-choice task over a local JSONL file (`dataset_path: json`, `dataset_kwargs.data_files`).
-With `include`, only those local tasks are indexed (lm-eval's ~15k built-in ones take ~10 s to index);
+With `include`, only those local tasks are indexed (not lm-eval's ~15k built-in ones);
 built-in tasks need their datasets already in the Hugging Face cache: nothing is downloaded (offline mode).
 """
 

@@ -115,39 +115,13 @@ def sort_digits(rng: random.Random) -> Pair:
     return f"Sort the digits {' '.join(map(str, ds))}.", " ".join(map(str, sorted(ds)))
 
 
-def reverse(rng: random.Random) -> Pair:
-    w = _word(rng, 3, 5)
-    return f"Reverse the word {w}.", w[::-1]
+def _on_word(lo: int, hi: int, question: str, answer: Callable[[str], str]) -> Maker:
+    """A family over one made-up word of lo..hi letters: (question with the word, answer(word))."""
+    def make(rng: random.Random) -> Pair:
+        w = _word(rng, lo, hi)
+        return question.format(w), answer(w)
 
-
-def sort_letters(rng: random.Random) -> Pair:
-    w = _word(rng, 3, 5)
-    return f"Sort the letters of {w}.", "".join(sorted(w))
-
-
-def upper(rng: random.Random) -> Pair:
-    w = _word(rng, 3, 6)
-    return f"Uppercase the word {w}.", w.upper()
-
-
-def repeat(rng: random.Random) -> Pair:
-    w = _word(rng, 3, 6)
-    return f"Repeat the word {w}.", w
-
-
-def count(rng: random.Random) -> Pair:
-    w = _word(rng, 2, 8)
-    return f"How many letters are in {w}?", str(len(w))
-
-
-def first(rng: random.Random) -> Pair:
-    w = _word(rng, 3, 7)
-    return f"What is the first letter of {w}?", w[0]
-
-
-def last(rng: random.Random) -> Pair:
-    w = _word(rng, 3, 7)
-    return f"What is the last letter of {w}?", w[-1]
+    return make
 
 
 @dataclass(frozen=True)
@@ -167,13 +141,19 @@ FAMILIES: dict[str, Family] = {f.name: f for f in (
     Family("compare", compare, "larger of two numbers in 0..999"),
     Family("parity", parity, "even / odd of N in 0..9999"),
     Family("sort_digits", sort_digits, "3-5 digits in ascending order, space-separated"),
-    Family("reverse", reverse, "a made-up word of 3-5 letters backwards"),
-    Family("sort_letters", sort_letters, "the letters of a made-up word of 3-5 letters in order"),
-    Family("upper", upper, "a made-up word uppercased (exact-match ignores case: as easy as repeat there)"),
-    Family("repeat", repeat, "a made-up word of 3-6 letters repeated"),
-    Family("count", count, "the number of letters of a made-up word of 2-8 letters"),
-    Family("first", first, "the first letter of a made-up word"),
-    Family("last", last, "the last letter of a made-up word"),
+    Family("reverse", _on_word(3, 5, "Reverse the word {}.", lambda w: w[::-1]),
+           "a made-up word of 3-5 letters backwards"),
+    Family("sort_letters", _on_word(3, 5, "Sort the letters of {}.", lambda w: "".join(sorted(w))),
+           "the letters of a made-up word of 3-5 letters in order"),
+    Family("upper", _on_word(3, 6, "Uppercase the word {}.", str.upper),
+           "a made-up word uppercased (exact-match ignores case: as easy as repeat there)"),
+    Family("repeat", _on_word(3, 6, "Repeat the word {}.", str), "a made-up word of 3-6 letters repeated"),
+    Family("count", _on_word(2, 8, "How many letters are in {}?", lambda w: str(len(w))),
+           "the number of letters of a made-up word of 2-8 letters"),
+    Family("first", _on_word(3, 7, "What is the first letter of {}?", lambda w: w[0]),
+           "the first letter of a made-up word"),
+    Family("last", _on_word(3, 7, "What is the last letter of {}?", lambda w: w[-1]),
+           "the last letter of a made-up word"),
 )}
 DEFAULT_FAMILIES: tuple[str, ...] = ("parity", "max", "first", "sort_digits", "count", "last", "succ")
 

@@ -17,7 +17,7 @@ from llmctl.config import model_config
 from llmctl.shards import NoSplit, TokenShards
 from llmctl.dist import Dist, setup
 from llmctl.errors import UserError
-from llmctl.evaluate import loss_and_bpb, nats_bytes_sums, token_logprobs
+from llmctl.evaluate import val_loss_bpb
 from llmctl.examples import StepBatches
 from llmctl.losses import lm_loss
 from llmctl.model import Transformer, unwrap
@@ -58,15 +58,9 @@ def make_evaluate(shards: TokenShards, token_bytes: np.ndarray, block_size: int,
     tb = torch.as_tensor(token_bytes, dtype=torch.long)
 
     def evaluate(model) -> dict:
-        model = unwrap(model)  # no gradient sync in evaluation; token_logprobs needs the lm_head
-        sums = torch.zeros(4, dtype=torch.float64)
-        for i in range(0, len(offsets), micro):
-            w = shards.get(offsets[i:i + micro], block_size + 1)
-            h = model(w[:, :-1].to(dist.device), return_hidden=True).flatten(0, 1)  # [B*T, C]
-            y = w[:, 1:].flatten()
-            sums += nats_bytes_sums(-token_logprobs(model, h, y.to(h.device))[0], tb[y])
-        val_loss, val_bpb = loss_and_bpb(dist.all_sum(sums).cpu())
-        return {"val_loss": val_loss, "val_bpb": val_bpb}
+        windows = (shards.get(offsets[i : i + micro], block_size + 1) for i in range(0, len(offsets), micro))
+        batches = ({"idx": w[:, :-1], "targets": w[:, 1:]} for w in windows)
+        return val_loss_bpb(unwrap(model), batches, tb, dist)  # the bare model: no gradient sync, its lm_head
 
     return evaluate
 

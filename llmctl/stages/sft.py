@@ -54,15 +54,8 @@ def make_evaluate(recipe, tok, block_size: int, dist: Dist):
         model = unwrap(model)
         out = {}
         if val:
-            sums = torch.zeros(4, dtype=torch.float64)
-            for i in range(0, len(val), micro):
-                b = examples.collate(val[i : i + micro])
-                h = model(b["idx"].to(dist.device), return_hidden=True)
-                keep = b["targets"] != examples.IGNORE
-                y = b["targets"][keep]
-                nats = -evaluate.token_logprobs(model, h[keep.to(h.device)], y.to(h.device))[0]
-                sums += evaluate.nats_bytes_sums(nats, tb[y])
-            out["val_loss"], out["val_bpb"] = evaluate.loss_and_bpb(dist.all_sum(sums).cpu())
+            batches = (examples.collate(val[i : i + micro]) for i in range(0, len(val), micro))
+            out.update(evaluate.val_loss_bpb(model, batches, tb, dist))
         if em:
             out.update(em(model))
         return out
