@@ -42,6 +42,7 @@ import torch
 
 from llmctl.chat import encode_prompt, fit_prompt, prefix_ids
 from llmctl.errors import UserError
+from llmctl.hf import check_vocab
 from llmctl.progress import progress_bar
 
 # --------------------------------------------------------------------------------------------------- helpers
@@ -193,9 +194,7 @@ def score_stream(model, ids, token_bytes, *, context: int | None = None, stride:
 
 def corpus_loss(model, tok, texts: Sequence[str], **kwargs) -> dict:
     """score_stream over documents `texts` (see the module doc); kwargs: context, stride, batch_size."""
-    if tok.vocab_size > model.config.vocab_size:
-        raise UserError(f"tokenizer / model vocab mismatch: the tokenizer has {tok.vocab_size} tokens, the model "
-                        f"{model.config.vocab_size}")
+    check_vocab(tok, model.config, "corpus scoring")
     out = score_stream(model, corpus_stream(texts, tok), tok.token_bytes(), **kwargs)
     return {**out, "documents": len(texts)}
 

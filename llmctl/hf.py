@@ -170,25 +170,30 @@ def _read_json(p: Path) -> dict:
 def save_model(model, out_dir, *, tokenizer_dir=None, dtype=None) -> Path:
     """Write a Hugging Face model folder: config.json, model.safetensors, generation_config.json and the tokenizer
     files found in `tokenizer_dir` (a folder, or a tokenizer.json path). dtype: weights dtype (default: the model's)."""
-    from safetensors.torch import save_file
-
     model = unwrap(model, Transformer)
     cfg = model.config
     dtype = _as_dtype(dtype) if dtype is not None else model.lm_head.weight.dtype
+    tied = "lm_head.weight" if cfg.tie_embeddings else None  # HF re-ties it from the embedding
+    gen = {k: getattr(cfg, k) for k in ("bos_token_id", "eos_token_id", "pad_token_id") if getattr(cfg, k) is not None}
+    return write_folder(out_dir, {k: t for k, t in model.state_dict().items() if k != tied}, cfg.arch, dtype,
+                        {"config.json": config_to_hf(cfg, dtype), "generation_config.json": gen}, tokenizer_dir)
+
+
+def write_folder(out_dir, state: dict, arch: str, dtype, files: dict, tokenizer_dir=None) -> Path:
+    """A Hugging Face folder: model.safetensors from `state` in `dtype` (GPT-2's projections transposed to its
+    Conv1D layout), the JSON `files` (name -> object) and the tokenizer files of `tokenizer_dir`."""
+    from safetensors.torch import save_file
+
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     tensors = {}
-    for k, t in model.state_dict().items():
-        if k == "lm_head.weight" and cfg.tie_embeddings:
-            continue  # HF re-ties it from the embedding
-        if cfg.arch == "gpt2" and GPT2_CONV1D.search(k):
+    for k, t in state.items():
+        if arch == "gpt2" and GPT2_CONV1D.search(k):
             t = t.t()  # nn.Linear [out, in] -> Conv1D [in, out]
-        t = t.detach().to("cpu", dtype if t.is_floating_point() else t.dtype)
-        tensors[k] = t.contiguous()
+        tensors[k] = t.detach().to("cpu", dtype if t.is_floating_point() else t.dtype).contiguous()
     with writing(out / "model.safetensors"):
         save_file(tensors, str(out / "model.safetensors"), metadata={"format": "pt"})
-    gen = {k: getattr(cfg, k) for k in ("bos_token_id", "eos_token_id", "pad_token_id") if getattr(cfg, k) is not None}
-    for name, obj in (("config.json", config_to_hf(cfg, dtype)), ("generation_config.json", gen)):
+    for name, obj in files.items():
         with writing(out / name):
             (out / name).write_text(json.dumps(obj, indent=2) + "\n", encoding="utf-8")
     copy_tokenizer(tokenizer_dir, out)
@@ -281,3 +286,22 @@ def load_model(path, *, device="cpu", dtype=torch.float32) -> Transformer:
     loaded, unexpected = load_state(params, files, rename, cfg.arch)
     check_keys(d, sorted(set(params) - loaded), unexpected)
     return model.eval()
+
+
+def load(path, *, device="cpu", dtype=torch.float32):
+    """(model, tokenizer) of a MODEL (model directory, run directory or local Hugging Face folder)."""
+    from llmctl.tokenizer import load_tokenizer
+
+    d = resolve_model_dir(path)
+    tok = load_tokenizer(d)
+    model = load_model(d, device=device, dtype=dtype)
+    check_vocab(tok, model.config, d)
+    return model, tok
+
+
+def check_vocab(tok, config: ModelConfig, where) -> None:
+    """A tokenizer with more tokens than the model has embeddings is a UserError naming `where`."""
+    if tok.vocab_size > config.vocab_size:
+        raise UserError(f"tokenizer / model vocab mismatch in {where}: the tokenizer has {tok.vocab_size} tokens, "
+                        f"the model {config.vocab_size}")
+

@@ -37,9 +37,7 @@ class Policy:
         else:
             self.peft = None
             self.model = hf.load_model(resume or self.base_dir)
-        if self.tok.vocab_size > self.model.config.vocab_size:
-            raise UserError(f"tokenizer / model vocab mismatch: the tokenizer of {self.base_dir} has "
-                            f"{self.tok.vocab_size} tokens, the model {self.model.config.vocab_size}")
+        hf.check_vocab(self.tok, self.model.config, self.base_dir)
 
     def save(self, model, out_dir) -> None:
         if self.lora:

@@ -15,7 +15,6 @@ never eos when sequences end with eos.
 from __future__ import annotations
 
 import importlib.util
-import json
 import math
 from collections.abc import Callable
 from pathlib import Path
@@ -26,8 +25,8 @@ import torch.nn as nn
 from llmctl.checkpoint import resolve_model_dir
 from llmctl.errors import UserError
 from llmctl.config import ModelConfig, reward_kind
-from llmctl.hf import (GPT2_CONV1D, IGNORED_KEYS, _as_dtype, _read_json, _weight_files, check_keys, config_from_hf,
-                       config_to_hf, copy_tokenizer, load_state)  # fmt: skip
+from llmctl.hf import (IGNORED_KEYS, _as_dtype, _read_json, _weight_files, check_keys, config_from_hf, config_to_hf,
+                       load_state, write_folder)  # fmt: skip
 from llmctl.model import Transformer, unwrap
 
 
@@ -91,8 +90,6 @@ def save_reward_model(model: nn.Module, out_dir, *, pad_token_id: int | None = N
     """Write a Hugging Face sequence-classification folder: config.json, model.safetensors and the tokenizer files
     found in `tokenizer_dir`. pad_token_id (default: the model config's) is required: transformers finds the
     pooled token by it (see the module doc). dtype: weights dtype (default: the model's)."""
-    from safetensors.torch import save_file
-
     model = unwrap(model, RewardModel)
     cfg = model.config
     pad = cfg.pad_token_id if pad_token_id is None else pad_token_id
@@ -100,19 +97,9 @@ def save_reward_model(model: nn.Module, out_dir, *, pad_token_id: int | None = N
         raise UserError("a reward model needs a pad token id (transformers pools the last non-pad token): "
                         "give the tokenizer a pad token")  # fmt: skip
     dtype = _as_dtype(dtype) if dtype is not None else model.score.weight.dtype
-    out = Path(out_dir)
-    out.mkdir(parents=True, exist_ok=True)
-    tensors = {}
-    for k, t in model.state_dict().items():
-        k = k.removeprefix("backbone.")
-        if cfg.arch == "gpt2" and GPT2_CONV1D.search(k):
-            t = t.t()  # nn.Linear [out, in] -> Conv1D [in, out]
-        tensors[k] = t.detach().to("cpu", dtype if t.is_floating_point() else t.dtype).contiguous()
-    save_file(tensors, str(out / "model.safetensors"), metadata={"format": "pt"})
-    hf_cfg = reward_config_to_hf(cfg, pad, dtype)
-    (out / "config.json").write_text(json.dumps(hf_cfg, indent=2) + "\n", encoding="utf-8")
-    copy_tokenizer(tokenizer_dir, out)
-    return out
+    state = {k.removeprefix("backbone."): t for k, t in model.state_dict().items()}
+    return write_folder(out_dir, state, cfg.arch, dtype, {"config.json": reward_config_to_hf(cfg, pad, dtype)},
+                        tokenizer_dir)
 
 
 def load_reward_model(path, *, device="cpu", dtype=torch.float32) -> RewardModel:

@@ -90,25 +90,19 @@ def load_engine(model_path, device: str | None = None, compile: bool = False, ad
     fp32 on CPU, bf16 on a GPU that has it."""
     import torch
 
+    from llmctl import hf
     from llmctl.checkpoint import resolve_model_dir
+    from llmctl.dist import resolve_device
     from llmctl.engine import Engine
-    from llmctl.hf import load_model
-    from llmctl.tokenizer import load_tokenizer
 
     d = resolve_model_dir(model_path)
-    from llmctl.dist import resolve_device
-
     dev = resolve_device(device)
     dtype = torch.bfloat16 if dev.type == "cuda" and torch.cuda.is_bf16_supported() else torch.float32
-    tok = load_tokenizer(d)
-    model = load_model(d, device=dev, dtype=dtype)
+    model, tok = hf.load(d, device=dev, dtype=dtype)
     if adapter is not None:
         from llmctl import lora
 
         model = lora.merged(model, adapter)
-    if tok.vocab_size > model.config.vocab_size:
-        raise UserError(f"tokenizer/model vocab mismatch in {d}: the tokenizer has {tok.vocab_size} tokens, "
-                        f"the model {model.config.vocab_size}")  # fmt: skip
     eos = {tok.eos_id, model.config.eos_token_id}
     gc = d / "generation_config.json"
     if gc.is_file():

@@ -59,9 +59,7 @@ def build(recipe, dist, resume=None) -> Built:
         model = load_reward_model(resume, device=dist.device)
     else:
         model = RewardModel.from_causal_lm(hf.load_model(base_dir, device=dist.device))
-    if tok.vocab_size > model.config.vocab_size:
-        raise UserError(f"tokenizer / model vocab mismatch: the tokenizer of {base_dir} has {tok.vocab_size} "
-                        f"tokens, the model {model.config.vocab_size}")  # fmt: skip
+    hf.check_vocab(tok, model.config, base_dir)
     model.backbone.gradient_checkpointing = recipe.train.gradient_checkpointing
     T, tc, pad, quiet = context(recipe, model.config), recipe.train, tok.pad_id, not dist.is_main
     train = examples.load_pairs(recipe.data.train, tok, recipe.data.chat, T, recipe.data.limit, quiet)  # data
