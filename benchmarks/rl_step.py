@@ -34,9 +34,9 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from llmctl import optim
-from llmctl.stages import rl
 from llmctl.config import RlhfRecipe, from_dict
 from llmctl.dist import Dist
+from llmctl.stages import rl
 
 
 def default_model(tmp: Path) -> str:

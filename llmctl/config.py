@@ -44,7 +44,7 @@ class ModelConfig:
     declares its domain (schema.py); __post_init__ fills the derived defaults (None -> a value) and checks the
     combination, naming the key (ValueError; a recipe turns it into a UserError, so --dry-run catches it)."""
 
-    arch: str = choice("llama", *ARCHS)  # llama (RoPE, RMSNorm, SwiGLU, GQA) or gpt2 (learned positions, LayerNorm, GELU)
+    arch: str = choice("llama", *ARCHS)  # llama (RoPE, RMSNorm, SwiGLU, GQA); gpt2 (learned positions, LayerNorm, GELU)
     vocab_size: int = bounded(32000, ge=1)
     n_layer: int = bounded(12, ge=1)
     n_head: int = bounded(12, ge=1)

@@ -133,6 +133,11 @@ class Tally:
         self.sums = {}
         return dict(zip(names, t.cpu().tolist()))
 
+    def means(self, names, per: str = "n") -> dict[str, float]:
+        """take(), each figure divided by the `per` count (e.g. pairs); {} when there is none."""
+        t = self.take((per, *names))
+        return {k: t[k] / t[per] for k in names} if t[per] else {}
+
     def state_dict(self) -> dict:
         return {k: float(v) for k, v in self.sums.items()}
 

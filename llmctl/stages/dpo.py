@@ -124,10 +124,6 @@ def build(recipe, dist, resume=None) -> Built:
                   logp_chosen=lp[:m], logp_rejected=lp[m:], len_chosen=n[:m], len_rejected=n[m:])  # fmt: skip
         return per_pair.sum()
 
-    def stats() -> dict:
-        t = tally.take(("n", *FIGURES))
-        return {k: t[k] / t["n"] for k in FIGURES} if t["n"] else {}
-
     em = evaluate.held_out_exact_match(recipe.eval.exact_match, recipe.eval, tok, dist)
 
     def run_eval(model_) -> dict:
@@ -154,8 +150,8 @@ def build(recipe, dist, resume=None) -> Built:
 
     pair_tokens = float(np.mean([len(p.chosen.ids) + len(p.rejected.ids) for p in train]))
     task = loop.Task(model=model, batches=batches, loss=loss, count=lambda b: b["idx"].size(0) // 2,
-                     save_model=policy.save, evaluate=run_eval if (val or em) else None, stats=stats,
-                     flops_per_token=model.flops_per_token(T) * pair_tokens)  # fmt: skip
+                     save_model=policy.save, evaluate=run_eval if (val or em) else None,
+                     stats=lambda: tally.means(FIGURES), flops_per_token=model.flops_per_token(T) * pair_tokens)
     if dist.is_main:
         print(f"dpo: {policy.describe()}; {len(train):,} pairs, {tc.max_steps} steps = "
               f"{batches.epoch_of_step(tc.max_steps):.2f} epochs; beta {dc.beta}, {dc.loss_type}"

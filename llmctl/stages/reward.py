@@ -83,10 +83,6 @@ def build(recipe, dist, resume=None) -> Built:
                   len_chosen=n[:m], len_rejected=n[m:])  # fmt: skip
         return losses.bradley_terry_loss(rc, rr).sum()
 
-    def stats() -> dict:
-        t = tally.take(("n", *FIGURES))
-        return {k: t[k] / t["n"] for k in FIGURES} if t["n"] else {}
-
     def run_eval(model) -> dict:
         model = unwrap(model)
         sums = torch.zeros(4, dtype=torch.float64)  # correct, loss, margin, pairs
@@ -106,7 +102,7 @@ def build(recipe, dist, resume=None) -> Built:
 
     pair_tokens = float(np.mean([len(p.chosen.ids) + len(p.rejected.ids) for p in train]))
     task = loop.Task(model=model, batches=batches, loss=loss, count=lambda b: b["idx"].size(0) // 2,
-                     save_model=save, evaluate=run_eval if val else None, stats=stats,
+                     save_model=save, evaluate=run_eval if val else None, stats=lambda: tally.means(FIGURES),
                      flops_per_token=model.backbone.flops_per_token(T) * pair_tokens)  # fmt: skip
     if dist.is_main:
         print(f"reward: {describe(model, base_dir)}; {len(train):,} pairs, {tc.max_steps} steps = "
