@@ -296,8 +296,7 @@ def tasks(
     from llmctl import tasks as tasks_lib
 
     kw = {k: v for k, v in (("n_train", n_train), ("n_test", n_test)) if v is not None}
-    for p in tasks_lib.write_tasks(out, seed=seed, families=families, phrasing=phrasing, **kw).values():
-        print(p)
+    print(*tasks_lib.write_tasks(out, seed=seed, families=families, phrasing=phrasing, **kw).values(), sep="\n")
 
 
 @app.command("rlhf")
