@@ -19,23 +19,7 @@ So the same arguments give byte-identical files, no question repeats within or a
 questions never appear in train), and a family's items do not depend on which other families are chosen.
 A family whose question space is too small for the request (succ has 1000 questions) is a UserError.
 
-Calibration (why these defaults). The demo model (4-layer, 128-wide llama, ~1.8M parameters, block_size 128, a
-4096-token byte-level BPE trained on Python docs, pretrained briefly on CPU) scores 0% exact-match on every family
-before SFT. Full fine-tuning on the default 5000 train items (AdamW 0.9 / 0.95, no weight decay, 30 warmup steps
-then cosine to 10%, 32 conversations a step, loss on the answer and <|im_end|>, grad clip 1.0), then greedy chat
-decoding of the 500 test prompts scored by `evaluate.exact_match`, gives held-out exact-match (lr 2e-3):
-
-    steps  held-out EM   parity max first sort_digits count last succ     (per family: % of ~71 test items)
-    400     54.0%           81   96   78         62    49    8    3
-    600     68.6%           97  100   86         90    52   44   10     (data and batch order seed 1: 65.6%)
-    800     75.4%          100  100   86         94    58   72   17     (seed 1: 73.8%)
-
-lr 3e-3 did worse (49.4 / 59.4 / 67.8%). So the demo's SFT is 600 steps at lr 2e-3, batch 32: ~65-70%, not ~100%:
-parity and max are solved, while count, last and succ stay at 3-65% and swing between runs, which leaves RL (GRPO /
-PPO, rewarded by exact match) ~30 points of room. Defaults: 5000 train items (~4 epochs), 500 test items.
-The other families are harder for the demo model: with all 16 families mixed (800 steps, lr 2e-3) add, sub,
-compare, reverse, sort_letters, repeat and upper stayed at 0-4% (multi-token copying and carrying are beyond
-it in this budget), so they are off by default; pick them with `families=` for larger models.
+Why these defaults (DEFAULT_FAMILIES, 5000 / 500 items): README, Fine-tuning, "The built-in tasks".
 Note that exact-match casefolds, so `upper` is scored like `repeat`.
 """
 
