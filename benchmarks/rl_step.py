@@ -3,7 +3,7 @@
 Every RL step here draws a new rollout batch (rl.epochs 1, rl.minibatches 1) of prompts x group sequences:
 `prompts` prompts sampled `group` times each for GRPO, prompts x group prompts sampled once for PPO, at most
 `max_new_tokens` tokens each at temperature 1 through the generate engine. The step is timed in its three
-parts, as llmctl/rl.py runs them:
+parts, as llmctl/stages/rl.py runs them:
   generate_s  sampling the completions (llmctl.engine, KV cache);
   score_s     the no-grad forward passes over prompt + completion: old log-probs (and PPO's values) under the
               policy, log-probs under the reference, rewards, advantages (GAE for PPO);
@@ -33,9 +33,10 @@ import torch
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from llmctl import optim, rl
+from llmctl import optim
 from llmctl.config import RlhfRecipe, from_dict
 from llmctl.dist import Dist
+from llmctl.stages import rl
 
 
 def default_model(tmp: Path) -> str:
@@ -66,7 +67,7 @@ def rl_steps(method: str, args, model: str, data: Path, out: Path) -> tuple[dict
                                       "group_size": args.group,
                                       "max_new_tokens": args.max_new_tokens, "temperature": 1.0}})  # fmt: skip
     dist = Dist("fp32", seed=0)
-    task = rl.make_task(recipe, dist, None)
+    task = rl.build(recipe, dist, None)
     rt = task.batches.__self__
     model_ = task.model.train()
     opt = optim.make_optimizer(model_, recipe.optim, dist.device)

@@ -58,9 +58,6 @@ def builtin_corpus() -> list[str]:
     return list(_memory)
 
 
-builtin_documents = builtin_corpus  # the same, under the name some callers use
-
-
 def _stdlib_files() -> list[Path]:
     root = Path(sysconfig.get_paths()["stdlib"])
     files = []

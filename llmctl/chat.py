@@ -12,6 +12,9 @@ The loss mask comes from the template itself, for any template that renders conv
 `render(messages[:i], add_generation_prompt=True)` and `render(messages[:i+1])`, without trailing whitespace;
 a token is trained when it starts inside such a span. That covers the reply and its end-of-turn token
 (`<|im_end|>`, `<|eot_id|>`, `</s>`), never the role header or the user's text.
+
+Prompts (`encode_prompt`, `fit_prompt`): the one prompt encoder of `llmctl generate`, exact-match evaluation and
+RL rollouts, so a template that renders for `sft` renders for `generate --chat` too.
 """
 
 from __future__ import annotations
@@ -132,3 +135,47 @@ def encode(tok, messages: Sequence[dict], add_generation_prompt: bool = False) -
             if spans[k][0] <= s < spans[k][1] and e > s:
                 mask[t] = 1
     return list(enc.ids), mask
+
+
+# ------------------------------------------------------------------------------------------------ prompts
+
+
+def prefix_ids(tok) -> list[int]:
+    """What goes before every context in evaluation and RL: [bos], else [eos] (lm-eval's prefix token), else []."""
+    for i in (tok.bos_id, tok.eos_id):
+        if i is not None:
+            return [i]
+    return []
+
+
+def encode_prompt(tok, text: str | None = None, *, messages=None, chat: bool = False,
+                  always_prefix: bool = False) -> list[int]:  # fmt: skip
+    """The ids a generation starts from. With `chat` or `messages`: the chat template with the generation prompt
+    (`text` as a user message), rendered as `encode` renders it. Else the text after a start token: always_prefix
+    (evaluation and RL) puts `prefix_ids` before it; otherwise (`llmctl generate`) BOS only when the tokenizer has
+    one distinct from EOS (GPT-2's <|endoftext|> is both: its prompts start bare), and an empty prompt is BOS, else
+    EOS, alone."""
+    if messages is not None or chat:
+        msgs = check_messages(list(messages) if messages is not None else [{"role": "user", "content": text}])
+        return tok.encode(render(tok.chat_template, tok.special_tokens_map, msgs, True), allow_special=True)
+    ids = tok.encode(text)
+    if always_prefix:
+        return prefix_ids(tok) + ids
+    if tok.bos_id is not None and (not ids or tok.bos_id != tok.eos_id):
+        ids = [tok.bos_id] + ids
+    if not ids:
+        if tok.eos_id is None:
+            raise UserError("an empty prompt needs a BOS or EOS token, and this tokenizer has neither")
+        ids = [tok.eos_id]
+    return ids
+
+
+def fit_prompt(tok, ids: list[int], context: int, max_new_tokens: int) -> tuple[list[int], bool]:
+    """(ids, cut): a prompt longer than context - max_new_tokens keeps its first token when that is BOS, and its
+    last ones. ValueError when max_new_tokens leaves no room."""
+    keep, room = int(bool(ids) and ids[0] == tok.bos_id), context - max_new_tokens
+    if room < 1 + keep:
+        raise ValueError(f"max_new_tokens must be below the model's context of {context} tokens, got {max_new_tokens}")
+    if len(ids) <= room:
+        return list(ids), False
+    return list(ids[:keep]) + list(ids[len(ids) - (room - keep) :]), True

@@ -1,4 +1,4 @@
-"""Run directories, checkpoints, and durable writes.
+"""Run directories, checkpoints, durable writes, and reading safetensors files.
 
 A run directory holds `config.yaml`, `metrics.jsonl` and `checkpoints/step-NNNNNNN/`. A step directory is first
 written as `checkpoints/.tmp-step-NNNNNNN/`, its files and itself fsynced, and renamed into place once complete,
@@ -230,6 +230,60 @@ def clean_stale(directory) -> None:
             _remove(p)
 
 
+# ------------------------------------------------------------------------------------------- reading
+
+_ST_DTYPES = {"F64": "float64", "F32": "float32", "F16": "float16", "BF16": "bfloat16", "I64": "int64",
+              "I32": "int32", "I16": "int16", "I8": "int8", "U8": "uint8", "BOOL": "bool"}
+
+
+def read_safetensors(path: Path, data: bool = True):
+    """(name, tensor) for every tensor of a .safetensors file, read one at a time with plain reads: unlike a
+    memory map, the file's pages never count against the process, so loading needs the model's memory plus
+    one tensor, not twice the model. A malformed file is a UserError. data=False checks the layout only."""
+    import torch
+
+    bad = lambda why: UserError(f"cannot read {path}: {why}")  # noqa: E731
+    with open(path, "rb") as f:
+        size = f.seek(0, 2)
+        f.seek(0)
+        head = f.read(8)
+        n = int.from_bytes(head, "little") if len(head) == 8 else -1
+        if not 0 < n <= size - 8:
+            raise bad("not a safetensors file (bad header length)")
+        try:
+            header = json.loads(f.read(n))
+        except ValueError as e:
+            raise bad(f"invalid header ({e})") from None
+        if not isinstance(header, dict):
+            raise bad("invalid header")
+        base = 8 + n
+        for name, info in header.items():
+            if name == "__metadata__":
+                continue
+            try:
+                dtype, shape = getattr(torch, _ST_DTYPES[info["dtype"]]), list(info["shape"])
+                start, end = info["data_offsets"]
+            except (KeyError, TypeError, ValueError):
+                raise bad(f"unsupported or malformed entry for {name!r}") from None
+            numel = 1
+            for d in shape:
+                numel *= d
+            if end - start != numel * dtype.itemsize or start < 0 or base + end > size:
+                raise bad(f"entry {name!r} does not fit the file")
+            if not data:
+                continue
+            buf = bytearray(end - start)
+            f.seek(base + start)
+            f.readinto(buf)
+            yield name, (torch.frombuffer(buf, dtype=dtype) if buf else torch.empty(0, dtype=dtype)).reshape(shape)
+
+
+def check_safetensors(path: Path) -> None:
+    """Raise UserError unless `path` is a whole safetensors file (its header parses and every tensor fits)."""
+    for _ in read_safetensors(path, data=False):
+        pass
+
+
 # ------------------------------------------------------------------------------------------- resuming
 
 
@@ -254,8 +308,6 @@ def check_resumable(ck: Path) -> str | None:
             return f"{name} does not hold a state dict"
     weights = ck / "model.safetensors" if (ck / "model.safetensors").exists() else ck / "adapter_model.safetensors"
     try:
-        from llmctl.hf import check_safetensors
-
         check_safetensors(weights)
     except (UserError, OSError) as e:
         return f"{weights.name}: {e}"

@@ -301,8 +301,7 @@ def tasks(
     from llmctl import tasks as tasks_lib
 
     kw = {k: v for k, v in (("n_train", n_train), ("n_test", n_test)) if v is not None}
-    for p in tasks_lib.write_tasks(out, seed=seed, families=families, phrasing=phrasing, **kw).values():
-        print(p)
+    print(*tasks_lib.write_tasks(out, seed=seed, families=families, phrasing=phrasing, **kw).values(), sep="\n")
 
 
 @app.command("rlhf")
@@ -313,30 +312,23 @@ def rlhf(
     dry_run: bool = typer.Option(False, "--dry-run", help="Print the resolved recipe and exit."),
 ):
     """Preference and RL training: a reward model, DPO, PPO or GRPO (with or without LoRA)."""
-    from llmctl.config import RlhfRecipe, dump_recipe, load_recipe
-
-    cfg = load_recipe(recipe, overrides or [], RlhfRecipe)
-    if dry_run:
-        sys.stdout.write(dump_recipe(cfg))
-        return
-    from llmctl.stages import rlhf as stage
-
-    return stage.run(cfg)
+    return _train("rlhf", recipe, overrides, dry_run, False)
 
 
 def _train(kind: str, recipe: Path, overrides, dry_run: bool, show_mask: bool) -> None:
-    from llmctl.config import LoraRecipe, SftRecipe, dump_recipe, load_recipe
+    from llmctl.config import LoraRecipe, RlhfRecipe, SftRecipe, dump_recipe, load_recipe
 
-    cfg = load_recipe(recipe, overrides or [], LoraRecipe if kind == "lora" else SftRecipe)
+    cfg = load_recipe(recipe, overrides or [], {"sft": SftRecipe, "lora": LoraRecipe, "rlhf": RlhfRecipe}[kind])
     if dry_run:
         sys.stdout.write(dump_recipe(cfg))
         return
+    if kind == "rlhf":  # the stage of the method
+        from llmctl.stages import dpo, reward, rl
+
+        return {"reward": reward, "dpo": dpo, "ppo": rl, "grpo": rl}[cfg.method].run(cfg)
     from llmctl.stages import sft as stage
 
-    if show_mask:
-        stage.show_mask(cfg)
-        return
-    return stage.run(cfg, lora=kind == "lora")
+    return stage.show_mask(cfg) if show_mask else stage.run(cfg, lora=kind == "lora")
 
 
 # --------------------------------------------------------------------------------------------- generate

@@ -1,4 +1,5 @@
-"""Recipes: YAML -> typed dataclasses, with `key.path=value` overrides, strict checking and a YAML dump.
+"""The model config and the recipes: YAML -> typed dataclasses, with `key.path=value` overrides, strict checking
+and a YAML dump. This module imports no torch: `--dry-run` checks a whole recipe, model included, at once.
 
 Every key a recipe may hold is a dataclass field below; an unknown key, a value of the wrong type, a value
 outside a field's `choices` or its range (`bounded`: every number has its domain; no float may be NaN or
@@ -13,58 +14,84 @@ override names one that does not exist, that is an error.
 from __future__ import annotations
 
 import dataclasses
-import difflib
 import math
 import sys
-import types
 import typing
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Optional
+from typing import Optional
 
 import yaml
 
 from llmctl.errors import UserError
+from llmctl.schema import (bounded, check_fields, choice, field_meta, from_dict, get_path, is_section, keys_of,
+                           load_yaml, optional_file, parse_override, set_path, unknown_key)  # fmt: skip
+
+ARCHS = ("llama", "gpt2")
 
 
-def choice(default, *options):
-    """A field whose value must be one of `options`."""
-    return field(default=default, metadata={"choices": options})
+# ------------------------------------------------------------------------------------------- the model
 
 
-def bounded(default, *, ge=None, gt=None, le=None, lt=None):
-    """A numeric field whose value (unless None) must lie in the range given by ge (>=), gt (>), le (<=), lt (<).
-    A subclass that only changes the default may redeclare the field plainly: the range is inherited."""
-    return field(default=default, metadata={"range": (ge, gt, le, lt)})
+def llama_intermediate_size(n_embd: int, multiple_of: int = 64) -> int:
+    """SwiGLU hidden size: 8/3 * n_embd (same parameter count as a 4x GELU MLP), rounded up to a multiple of 64."""
+    return multiple_of * math.ceil(8 * n_embd / 3 / multiple_of)
 
 
-def optional_file(default=None):
-    """A path to a file the run can do without (see the module doc)."""
-    return field(default=default, metadata={"optional_file": True})
+@dataclass
+class ModelConfig:
+    """The architecture: the one model config (recipes' model section, config.json, the Transformer). Every field
+    declares its domain (schema.py); __post_init__ fills the derived defaults (None -> a value) and checks the
+    combination, naming the key (ValueError; a recipe turns it into a UserError, so --dry-run catches it)."""
 
+    arch: str = choice("llama", *ARCHS)  # llama (RoPE, RMSNorm, SwiGLU, GQA); gpt2 (learned positions, LayerNorm, GELU)
+    vocab_size: int = bounded(32000, ge=1)
+    n_layer: int = bounded(12, ge=1)
+    n_head: int = bounded(12, ge=1)
+    n_embd: int = bounded(768, ge=1)  # a multiple of n_head (llama: of 2 n_head, for rotary embeddings)
+    n_kv_head: Optional[int] = bounded(None, ge=1)  # None -> n_head; fewer = grouped-query attention (llama only)
+    head_dim: Optional[int] = bounded(None, ge=1)  # None -> n_embd // n_head
+    intermediate_size: Optional[int] = bounded(None, ge=1)  # None -> llama: llama_intermediate_size; gpt2: 4 n_embd
+    block_size: int = bounded(1024, ge=1)  # maximum number of positions
+    rope_theta: float = bounded(10000.0, gt=0)
+    norm_eps: float = bounded(1e-5, gt=0)
+    qkv_bias: bool = False  # biases on q/k/v projections (Qwen2); gpt2 always has biases
+    attn_out_bias: bool = False  # bias on o_proj as well (Llama's attention_bias=True sets both)
+    tie_embeddings: Optional[bool] = None  # None -> llama False, gpt2 True
+    dropout: float = bounded(0.0, ge=0, lt=1)  # attention probabilities, residual branches (and gpt2 embeddings)
+    bos_token_id: Optional[int] = bounded(None, ge=0)
+    eos_token_id: Optional[int] = bounded(None, ge=0)
+    pad_token_id: Optional[int] = bounded(None, ge=0)
+    init_std: float = bounded(0.02, gt=0)
 
-def _fmt(x) -> str:
-    if isinstance(x, int) and x >= 2**20 and not (x + 1) & x:
-        return f"2**{(x + 1).bit_length() - 1} - 1"
-    return f"{x:g}" if isinstance(x, float) else str(x)
-
-
-def _range_text(ge, gt, le, lt) -> str:
-    lo = (ge, "[") if ge is not None else (gt, "(") if gt is not None else None
-    hi = (le, "]") if le is not None else (lt, ")") if lt is not None else None
-    if lo and hi:
-        return f"in {lo[1]}{_fmt(lo[0])}, {_fmt(hi[0])}{hi[1]}"
-    if lo:
-        return f"{'>=' if lo[1] == '[' else '>'} {_fmt(lo[0])}"
-    return f"{'<=' if hi[1] == ']' else '<'} {_fmt(hi[0])}"
-
-
-def _check_range(key: str, value, rng) -> None:
-    ge, gt, le, lt = rng
-    ok = ((ge is None or value >= ge) and (gt is None or value > gt) and (le is None or value <= le)
-          and (lt is None or value < lt))  # fmt: skip
-    if not ok:
-        raise UserError(f"{key}: must be {_range_text(ge, gt, le, lt)}, got {_fmt(value)}")
+    def __post_init__(self):
+        check_fields(self, "model.")
+        nh = self.n_head
+        if self.head_dim is None:
+            if self.n_embd % nh:
+                raise ValueError(f"model.n_embd: must be a multiple of model.n_head ({nh}), got {self.n_embd} "
+                                 f"({self.n_embd} is not divisible by {nh})")
+            self.head_dim = self.n_embd // nh
+            if self.arch == "llama" and self.head_dim % 2:
+                raise ValueError(f"model.n_embd: llama needs an even head size n_embd / n_head (rotary "
+                                 f"embeddings), got {self.n_embd} / {nh} = {self.head_dim}")
+        elif self.arch == "llama" and self.head_dim % 2:
+            raise ValueError(f"model.head_dim: must be even (rotary embeddings), got {self.head_dim}")
+        if self.n_kv_head is None:
+            self.n_kv_head = nh
+        if nh % self.n_kv_head:
+            raise ValueError(f"model.n_kv_head: must divide model.n_head ({nh}), got {self.n_kv_head}")
+        if self.arch == "gpt2" and self.n_kv_head != nh:
+            raise ValueError(f"model.n_kv_head: gpt2 has no grouped-query attention (n_kv_head must be null or "
+                             f"model.n_head = {nh}), got {self.n_kv_head}")
+        if self.arch == "gpt2" and self.head_dim * nh != self.n_embd:
+            raise ValueError("model.head_dim: gpt2 needs head_dim * n_head == n_embd")
+        if self.intermediate_size is None:
+            self.intermediate_size = 4 * self.n_embd if self.arch == "gpt2" else llama_intermediate_size(self.n_embd)
+        if self.tie_embeddings is None:
+            self.tie_embeddings = self.arch == "gpt2"
+        if self.attn_out_bias and not self.qkv_bias:
+            raise ValueError("model.attn_out_bias: needs model.qkv_bias (no HF architecture has an o_proj bias alone)")
 
 
 # ------------------------------------------------------------------------------------------- sections
@@ -72,33 +99,27 @@ def _check_range(key: str, value, rng) -> None:
 SEED_MAX = 2**63 - 1  # torch.manual_seed and numpy's SeedSequence take it; negative seeds they do not
 
 
-@dataclass
-class ModelSection:
-    arch: str = choice("llama", "llama", "gpt2")
-    n_layer: int = bounded(6, ge=1)
-    n_head: int = bounded(8, ge=1)
-    n_kv_head: Optional[int] = bounded(None, ge=1)  # None: n_head (no grouped-query attention)
-    n_embd: int = bounded(256, ge=1)  # a multiple of n_head (llama: of 2 n_head, for rotary embeddings)
-    block_size: int = bounded(256, ge=1)
-    intermediate_size: Optional[int] = bounded(None, ge=1)  # None: llama ~8/3 n_embd (multiple of 64), gpt2 4 n_embd
-    rope_theta: float = bounded(10000.0, gt=0)
-    qkv_bias: bool = False
-    tie_embeddings: bool = False  # gpt2 always ties
-    dropout: float = bounded(0.0, ge=0, lt=1)
+# The recipe's model section is a subset of ModelConfig's fields, declared from it (same types and domains) with
+# the defaults of a small model; ModelConfig itself checks the combination (model_config), so --dry-run does too.
+MODEL_KEYS = ("arch", "n_layer", "n_head", "n_kv_head", "n_embd", "block_size", "intermediate_size", "rope_theta",
+              "qkv_bias", "tie_embeddings", "dropout")  # fmt: skip
+_MODEL_DEFAULTS = {"n_layer": 6, "n_head": 8, "n_embd": 256, "block_size": 256, "tie_embeddings": False}
+ModelSection = dataclasses.make_dataclass("ModelSection", [
+    (f.name, typing.get_type_hints(ModelConfig)[f.name],
+     field(default=_MODEL_DEFAULTS.get(f.name, f.default), metadata=f.metadata))
+    for f in sorted((f for f in dataclasses.fields(ModelConfig) if f.name in MODEL_KEYS),
+                    key=lambda f: MODEL_KEYS.index(f.name))])  # fmt: skip
 
-    def validate(self, prefix: str = "model.") -> None:
-        """The combinations llmctl.model.ModelConfig refuses, named by key (before any model is built)."""
-        n_kv = self.n_kv_head if self.n_kv_head is not None else self.n_head
-        if self.n_embd % self.n_head:
-            raise UserError(f"{prefix}n_embd: must be a multiple of {prefix}n_head ({self.n_head}), got {self.n_embd}")
-        if self.arch == "llama" and (self.n_embd // self.n_head) % 2:
-            raise UserError(f"{prefix}n_embd: llama needs an even head size n_embd / n_head (rotary embeddings), "
-                            f"got {self.n_embd} / {self.n_head} = {self.n_embd // self.n_head}")
-        if self.n_head % n_kv:
-            raise UserError(f"{prefix}n_kv_head: must divide {prefix}n_head ({self.n_head}), got {n_kv}")
-        if self.arch == "gpt2" and n_kv != self.n_head:
-            raise UserError(f"{prefix}n_kv_head: gpt2 has no grouped-query attention (n_kv_head must be null or "
-                            f"{prefix}n_head = {self.n_head}), got {n_kv}")
+
+def model_config(section, **more) -> ModelConfig:
+    """The ModelConfig a recipe's model section describes (`more`: vocab_size, special token ids); a combination
+    ModelConfig refuses is a UserError naming the key. gpt2 always ties its embeddings."""
+    d = dataclasses.asdict(section)
+    d["tie_embeddings"] = section.tie_embeddings or section.arch == "gpt2"
+    try:
+        return ModelConfig(**d, **more)
+    except ValueError as e:
+        raise UserError(str(e)) from None
 
 
 @dataclass
@@ -157,7 +178,7 @@ class PretrainRecipe:
     REQUIRED = ("out_dir", "tokenizer", "data.train")
 
     def validate(self) -> None:
-        self.model.validate()
+        model_config(self.model)
 
 
 @dataclass
@@ -307,147 +328,25 @@ class RlhfRecipe:
                 what = "rl.prompts_per_step" if self.method == "ppo" else "rl.prompts_per_step x rl.group_size"
                 raise UserError(f"rl.minibatches: must be at most the sequences of a rollout batch ({what} = {n}), "
                                 f"got {rl.minibatches}")
+            reward_kind(rl.reward)
 
 
-# ------------------------------------------------------------------------------------------- loading
-
-
-def _type_name(tp) -> str:
-    return {int: "an integer", float: "a number", bool: "a boolean (true/false)", str: "a string"}.get(tp, str(tp))
-
-
-def _check_value(key: str, tp, value, meta) -> Any:
-    origin = typing.get_origin(tp)
-    if origin in (typing.Union, types.UnionType):
-        args = [a for a in typing.get_args(tp) if a is not type(None)]
-        if value is None:
-            return None
-        return _check_value(key, args[0], value, meta)
-    if tp is bool:
-        ok = isinstance(value, bool)
-    elif tp is int:
-        ok = isinstance(value, int) and not isinstance(value, bool)
-    elif tp is float:
-        if isinstance(value, str):  # YAML 1.1 reads `1e-3` (no dot) as a string
-            try:
-                value = float(value)
-            except ValueError:
-                pass
-        ok = isinstance(value, (int, float)) and not isinstance(value, bool)
-        value = float(value) if ok else value
-        if ok and not math.isfinite(value):
-            raise UserError(f"{key}: must be a finite number, got {value}")
-    elif tp is str:
-        ok = isinstance(value, str)
-        if isinstance(value, (int, float)) and not isinstance(value, bool) and "choices" not in meta:
-            value, ok = str(value), True  # a path or name that YAML read as a number
-    else:
-        raise TypeError(f"unsupported recipe field type {tp} for {key}")
-    if not ok:
-        raise UserError(f"{key}: expected {_type_name(tp)}, got {value!r}")
-    choices = meta.get("choices")
-    if choices and value not in choices:
-        raise UserError(f"{key}: must be one of {', '.join(map(str, choices))}; got {value!r}")
-    if meta.get("range"):
-        _check_range(key, value, meta["range"])
-    return value
-
-
-def _field_meta(cls, name: str) -> dict:
-    """A field's metadata, merged over the class's dataclass bases: a subclass that redeclares a field to change
-    its default keeps the base's range and flags (and may replace them)."""
-    out: dict = {}
-    for klass in reversed(cls.__mro__):
-        if dataclasses.is_dataclass(klass):
-            for f in dataclasses.fields(klass):
-                if f.name == name and f.metadata:
-                    out.update(f.metadata)
-    return out
-
-
-def _keys(cls, prefix="", sections=False) -> list[str]:
-    out = []
-    for f in dataclasses.fields(cls):
-        tp = typing.get_type_hints(cls)[f.name]
-        if dataclasses.is_dataclass(tp):
-            out += [prefix + f.name] if sections else []
-            out += _keys(tp, f"{prefix}{f.name}.", sections)
-        else:
-            out.append(prefix + f.name)
-    return out
-
-
-def _unknown(key: str, root_cls, where: str) -> UserError:
-    close = difflib.get_close_matches(key, _keys(root_cls, sections=True), n=1, cutoff=0.6)
-    hint = f" (did you mean '{close[0]}'?)" if close else ""
-    return UserError(f"unknown key '{key}'{where}{hint}")
-
-
-def from_dict(cls, data: dict, *, root_cls=None, prefix: str = "", where: str = ""):
-    """Build dataclass `cls` from a nested dict, strictly."""
-    root_cls = root_cls or cls
-    if not isinstance(data, dict):
-        raise UserError(f"{prefix.rstrip('.') or 'recipe'}: expected a mapping, got {data!r}")
-    hints = typing.get_type_hints(cls)
-    names = {f.name: f for f in dataclasses.fields(cls)}
-    kwargs = {}
-    for k, v in data.items():
-        key = f"{prefix}{k}"
-        if k not in names:
-            raise _unknown(key, root_cls, where)
-        tp = hints[k]
-        if dataclasses.is_dataclass(tp):
-            kwargs[k] = from_dict(tp, v if v is not None else {}, root_cls=root_cls, prefix=key + ".", where=where)
-        else:
-            kwargs[k] = _check_value(key, tp, v, _field_meta(cls, k))
-    return cls(**kwargs)
-
-
-def _set_path(d: dict, path: list[str], value, root_cls, raw_key: str):
-    for i, part in enumerate(path[:-1]):
-        nxt = d.get(part)
-        if nxt is None:
-            nxt = d[part] = {}
-        if not isinstance(nxt, dict):
-            raise _unknown(raw_key, root_cls, " in overrides")
-        d = nxt
-    d[path[-1]] = value
-
-
-def parse_override(text: str) -> tuple[str, Any]:
-    if "=" not in text:
-        raise UserError(f"override {text!r} is not of the form key.path=value")
-    key, _, raw = text.partition("=")
-    key = key.strip()
-    if not key:
-        raise UserError(f"override {text!r} has no key")
-    try:
-        value = yaml.safe_load(raw) if raw.strip() else None
-    except yaml.YAMLError:
-        value = raw
-    return key, value
-
-
-def load_yaml(path: Path) -> dict:
-    path = Path(path)
-    if not path.exists():
-        raise UserError(f"no such recipe file: {path}")
-    if path.is_dir():
-        raise UserError(f"recipe is a directory, not a YAML file: {path}")
-    try:
-        data = yaml.safe_load(path.read_text())
-    except yaml.YAMLError as e:
-        mark = getattr(e, "problem_mark", None)
-        loc = f"{path}:{mark.line + 1}" if mark is not None else str(path)
-        problem = getattr(e, "problem", None) or str(e).splitlines()[0]
-        raise UserError(f"{loc}: malformed YAML ({problem})") from None
-    except UnicodeDecodeError:
-        raise UserError(f"{path}: not a text file") from None
-    if data is None:
-        data = {}
-    if not isinstance(data, dict):
-        raise UserError(f"{path}: a recipe must be a YAML mapping of keys to values")
-    return data
+def reward_kind(spec: str) -> str:
+    """What rl.reward names: "exact-match", "function" (path/to/file.py:function, the file exists) or "model" (a
+    directory); anything else is a UserError (the function and the model are loaded by the stage)."""
+    if spec == "exact-match":
+        return spec
+    if ".py:" in spec or spec.endswith(".py"):
+        path, _, name = spec.rpartition(":")
+        if ".py:" not in spec or not name:
+            raise UserError(f"rl.reward: {spec!r} names no function (expected path/to/file.py:function)")
+        if not Path(path).is_file():
+            raise UserError(f"rl.reward: no such file: {path} (expected path/to/file.py:function)")
+        return "function"
+    if Path(spec).is_dir():
+        return "model"
+    raise UserError(f"rl.reward: expected exact-match, a reward model directory or path/to/file.py:function; "
+                    f"got {spec!r} (no such directory)")
 
 
 def load_recipe(path: Path, overrides: list[str], cls):
@@ -455,9 +354,9 @@ def load_recipe(path: Path, overrides: list[str], cls):
     data = load_yaml(path)
     for text in overrides:
         key, value = parse_override(text)
-        if key not in _keys(cls) and not _is_section(cls, key):
-            raise _unknown(key, cls, " in overrides")
-        _set_path(data, key.split("."), value, cls, key)
+        if key not in keys_of(cls) and not is_section(cls, key):
+            raise unknown_key(key, cls, " in overrides")
+        set_path(data, key.split("."), value, cls, key)
     cfg = from_dict(cls, data, where=f" in {path}")
     for key in getattr(cls, "REQUIRED", ()):
         if get_path(cfg, key) in ("", None):
@@ -471,31 +370,17 @@ def load_recipe(path: Path, overrides: list[str], cls):
 def _check_optional_files(cfg, path: Path, overridden: list[str]) -> None:
     """`optional_file` keys naming a missing file: an error when an override named it, else (the recipe file's
     value: a default the user may never have looked at) a warning, and the key becomes null."""
-    for key in _keys(type(cfg)):
+    for key in keys_of(type(cfg)):
         head, _, name = key.rpartition(".")
         section = get_path(cfg, head) if head else cfg
         value = getattr(section, name)
-        if not value or not _field_meta(type(section), name).get("optional_file") or Path(value).exists():
+        if not value or not field_meta(type(section), name).get("optional_file") or Path(value).exists():
             continue
         if any(key == k or key.startswith(k + ".") for k in overridden):
             raise UserError(f"{key}: no such file {value} (set {key}=null to skip)")
         print(f"warning: {key}: no such file {value} (named in {path}); skipping it (set {key}=FILE to use "
               "another)", file=sys.stderr, flush=True)
         setattr(section, name, None)
-
-
-def _is_section(cls, key: str) -> bool:
-    hints = typing.get_type_hints(cls)
-    head, _, rest = key.partition(".")
-    if head not in hints or not dataclasses.is_dataclass(hints[head]):
-        return False
-    return not rest or _is_section(hints[head], rest)
-
-
-def get_path(cfg, key: str):
-    for part in key.split("."):
-        cfg = getattr(cfg, part)
-    return cfg
 
 
 def to_dict(cfg) -> dict:

@@ -2,12 +2,15 @@
 
 One process, `torchrun --nproc-per-node N -m llmctl ...` and `accelerate launch -m llmctl ...` all come through
 `Dist`: DDP (gloo on CPU, nccl on GPU), FSDP when the accelerate config asks for it, and autocast for bf16/fp16.
+`setup` is the first step of every training stage; `Tally` sums a stage's training figures across processes.
 """
 
 from __future__ import annotations
 
 import contextlib
 import os
+import sys
+from pathlib import Path
 
 import torch
 
@@ -65,9 +68,6 @@ class Dist:
     def prepare(self, model, optimizer):
         return self.accelerator.prepare(model, optimizer)
 
-    def unwrap(self, model):
-        return self.accelerator.unwrap_model(model, keep_torch_compile=False)
-
     # ------------------------------------------------------------------ steps
     def backward(self, loss):
         self.accelerator.backward(loss)
@@ -103,3 +103,44 @@ class Dist:
 
     def end(self):
         self.accelerator.end_training()
+
+
+def setup(recipe) -> tuple[Dist, Path | None]:
+    """A training stage's setup: processes, precision and seed, and the newest resumable checkpoint of out_dir
+    (announced on stderr), or None."""
+    from llmctl.checkpoint import find_resume
+
+    dist = Dist(recipe.train.precision, seed=recipe.seed)
+    resume = find_resume(recipe.out_dir)
+    if resume is not None and dist.is_main:
+        print(f"resuming from {resume}", file=sys.stderr)
+    return dist, resume
+
+
+class Tally:
+    """Named training figures summed over micro-batches (tensors stay on the device: no host sync per micro-batch),
+    then across processes by `take(names)` -- the same names on every process -- which starts afresh."""
+
+    def __init__(self, dist: Dist):
+        self.dist, self.sums = dist, {}
+
+    def add(self, **figures) -> None:
+        for k, v in figures.items():
+            self.sums[k] = self.sums.get(k, 0.0) + (v.detach().float().sum() if torch.is_tensor(v) else float(v))
+
+    def take(self, names) -> dict[str, float]:
+        t = self.dist.all_sum(torch.tensor([float(self.sums.get(k, 0.0)) for k in names], dtype=torch.float64))
+        self.sums = {}
+        return dict(zip(names, t.cpu().tolist()))
+
+    def means(self, names, per: str = "n") -> dict[str, float]:
+        """take(), each figure divided by the `per` count (e.g. pairs); {} when there is none."""
+        t = self.take((per, *names))
+        return {k: t[k] / t[per] for k in names} if t[per] else {}
+
+    def state_dict(self) -> dict:
+        return {k: float(v) for k, v in self.sums.items()}
+
+    def load_state_dict(self, d: dict) -> None:
+        self.sums = {k: float(v) for k, v in d.items()}
+

@@ -21,27 +21,29 @@ Log-likelihoods (`score_pairs`, task `mc`, task `preference`, the lm-eval adapte
     mc: each choice is the continuation " " + choice of the question; acc = argmax of the log-likelihoods is the
     answer, acc_norm = argmax of log-likelihood / len(choice) in characters (lm-eval-harness's acc_norm).
 
-Exact match (`generate_completions`, `normalize_answer`, `exact_match`)
+Exact match (`generate_completions`, `matches`, `exact_match`, `held_out_exact_match`)
     The completion (greedy, through the generate engine llmctl.engine, stopping at a newline) and the answer
-    are compared after `normalize_answer`; see its docstring for the rules.
+    are compared after `normalize_answer` (see its docstring for the rules): the one rule of `llmctl eval`, of the
+    training stages' held-out evaluation and of RL's exact-match reward.
+
+Every log-prob above, and those of DPO and RL, comes from `token_logprobs` (hidden states -> log p of targets).
 """
 
 from __future__ import annotations
 
-import contextlib
 import decimal
 import math
 import re
-import sys
 import unicodedata
-from pathlib import Path
-from typing import Callable, Iterable, Sequence
+from typing import Iterable, Sequence
 
 import numpy as np
 import torch
 
-from llmctl.data import iter_jsonl
+from llmctl.chat import encode_prompt, fit_prompt, prefix_ids
 from llmctl.errors import UserError
+from llmctl.hf import check_vocab
+from llmctl.progress import progress_bar
 
 # --------------------------------------------------------------------------------------------------- helpers
 
@@ -50,38 +52,32 @@ def _device(model) -> torch.device:
     return next(model.parameters()).device
 
 
-@contextlib.contextmanager
-def progress_bar(total: int, desc: str, enabled: bool = True):
-    """Yields advance(n): a rich progress bar on stderr, only when stderr is a terminal (and enabled)."""
-    if not enabled or not sys.stderr.isatty() or total <= 0:
-        yield lambda n=1: None
-        return
-    from rich.console import Console
-    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
-
-    with Progress(TextColumn(desc), BarColumn(), MofNCompleteColumn(), TimeRemainingColumn(),
-                  console=Console(stderr=True), transient=True) as bar:  # fmt: skip
-        task = bar.add_task(desc, total=total)
-        yield lambda n=1: bar.advance(task, n)
-
-
-def token_logprobs(model, h: torch.Tensor, targets: torch.Tensor, greedy: bool = False):
-    """log p(targets) [N] (fp32) from final hidden states h [N, C] through the model's lm_head, a chunk of rows
-    at a time (the [N, vocab] logits never exist whole); with greedy, also whether each target is the argmax."""
+def token_logprobs(model, h: torch.Tensor, targets: torch.Tensor, *, temperature: float = 1.0, greedy: bool = False):
+    """log p(targets) [N] (fp32) from final hidden states h [N, C] through the model's lm_head (of logits /
+    temperature), a chunk of rows at a time (the [N, vocab] logits never exist whole); with greedy, also whether
+    each target is the argmax. The one per-token log-prob of llmctl: evaluation, DPO, reward and RL; with gradient
+    when h (or the head) has one."""
     n, vocab = h.size(0), model.config.vocab_size
-    chunk = max(32, 2**21 // vocab)  # ~8 MB of fp32 logits a chunk: the fastest tried on CPU (vocab 4k, 8k)
-    out = torch.empty(n, dtype=torch.float32, device=h.device)
+    chunk = max(32, 2**21 // vocab)  # ~8 MB of fp32 logits a chunk
+    grad = torch.is_grad_enabled() and (h.requires_grad or model.lm_head.weight.requires_grad)
+    out = [] if grad else torch.empty(n, dtype=torch.float32, device=h.device)
     hits = torch.empty(n, dtype=torch.bool, device=h.device) if greedy else None
     for s in range(0, n, chunk):
         logits = model.lm_head(h[s : s + chunk]).float()  # [n, V]
+        if temperature != 1.0:
+            logits = logits / temperature
         t = targets[s : s + chunk, None]  # [n, 1]
         target_logit = logits.gather(1, t)  # [n, 1]
         if greedy:
             hits[s : s + chunk] = logits.argmax(dim=-1) == t[:, 0]
-        m = logits.amax(dim=-1, keepdim=True)  # [n, 1]
-        z = logits.sub_(m).exp_().sum(dim=-1, keepdim=True)  # in place: one pass, no second [n, V] tensor
-        out[s : s + chunk] = (target_logit - m - z.log())[:, 0]
-    return out, hits
+        m = logits.detach().amax(dim=-1, keepdim=True)  # [n, 1]
+        e = (logits - m).exp() if grad else logits.sub_(m).exp_()  # no grad: in place, no second [n, V] tensor
+        lp = (target_logit - m - e.sum(dim=-1, keepdim=True).log())[:, 0]
+        if grad:
+            out.append(lp)
+        else:
+            out[s : s + chunk] = lp
+    return (torch.cat(out) if out else h.new_zeros(0, dtype=torch.float32)) if grad else out, hits
 
 
 # ---------------------------------------------------------------------------------------- corpus: ppl / bpb
@@ -101,6 +97,19 @@ def loss_and_bpb(sums: torch.Tensor) -> tuple[float, float]:
     loss = (sums[0] / sums[1]).item()
     bpb = (sums[2] / (math.log(2) * sums[3])).item() if sums[3] > 0 else float("nan")
     return loss, bpb
+
+
+def val_loss_bpb(model, batches, token_bytes: torch.Tensor, dist) -> dict:
+    """A training stage's val_loss (mean nats per scored target) and val_bpb over micro-batches {idx, targets}
+    (target -100: not scored), every process its own batches, summed across processes."""
+    sums = torch.zeros(4, dtype=torch.float64)
+    for b in batches:
+        h = model(b["idx"].to(dist.device), return_hidden=True)  # [B, T, C]
+        keep = b["targets"] != -100
+        y = b["targets"][keep]
+        sums += nats_bytes_sums(-token_logprobs(model, h[keep.to(h.device)], y.to(h.device))[0], token_bytes[y])
+    loss, bpb = loss_and_bpb(dist.all_sum(sums).cpu())
+    return {"val_loss": loss, "val_bpb": bpb}
 
 
 def sliding_windows(n_tokens: int, context: int, stride: int) -> list[tuple[int, int, int]]:
@@ -185,22 +194,12 @@ def score_stream(model, ids, token_bytes, *, context: int | None = None, stride:
 
 def corpus_loss(model, tok, texts: Sequence[str], **kwargs) -> dict:
     """score_stream over documents `texts` (see the module doc); kwargs: context, stride, batch_size."""
-    if tok.vocab_size > model.config.vocab_size:
-        raise UserError(f"tokenizer / model vocab mismatch: the tokenizer has {tok.vocab_size} tokens, the model "
-                        f"{model.config.vocab_size}")
+    check_vocab(tok, model.config, "corpus scoring")
     out = score_stream(model, corpus_stream(texts, tok), tok.token_bytes(), **kwargs)
     return {**out, "documents": len(texts)}
 
 
 # ---------------------------------------------------------------------------------------- log-likelihoods
-
-
-def prefix_ids(tok) -> list[int]:
-    """What goes before every context: [bos], else [eos] (lm-eval's prefix token), else nothing."""
-    for i in (tok.bos_id, tok.eos_id):
-        if i is not None:
-            return [i]
-    return []
 
 
 def encode_pair(tok, context: str, continuation: str) -> tuple[list[int], list[int]]:
@@ -342,103 +341,57 @@ def normalize_answer(text) -> str:
     return " ".join(_canonical_number(w) for w in s.split(" ")) if s else ""
 
 
-def answers_of(item: dict) -> list[str]:
-    a = item["answer"]
-    return [str(x) for x in a] if isinstance(a, list) else [str(a)]
+def matches(completion: str, answer) -> bool:
+    """Whether a completion is right: equal, after `normalize_answer`, to the answer (a string, a number, or a
+    list of accepted ones). The one exact-match rule: eval, held-out evaluation during training, RL rewards."""
+    answers = answer if isinstance(answer, (list, tuple)) else [answer]
+    return normalize_answer(completion) in {normalize_answer(a) for a in answers}
 
 
 def generate_completions(model, tok, prompts: Sequence[str], max_new_tokens: int = 32, until: Sequence[str] = ("\n",),
                          batch_size: int | None = 16, chat: bool = False) -> list[str]:
     """Greedy completions through the generate engine (llmctl.engine): each prompt after bos (or, with chat, as
     a user message in the chat template, stopping at <|im_end|>), cut before the first of `until`; a prompt too
-    long for the context keeps bos and its last tokens."""
+    long for the context keeps bos and its last tokens (chat.encode_prompt, chat.fit_prompt)."""
     from llmctl.engine import Engine, SamplingParams
 
-    engine = Engine(model, tok)
     stop_ids = (tok.im_end_id,) if chat and tok.im_end_id is not None else ()
     try:
         params = SamplingParams(max_new_tokens=max_new_tokens, temperature=0.0, stop=tuple(until),
                                 stop_token_ids=stop_ids)  # fmt: skip
-        ids = []
-        for p in prompts:
-            x = tok.encode_chat([{"role": "user", "content": p}], add_generation_prompt=True)[0] if chat else \
-                prefix_ids(tok) + tok.encode(p)
-            ids.append(engine.fit_prompt(x, max_new_tokens, keep_first=int(bool(x) and x[0] == tok.bos_id))[0])
+        ids = [fit_prompt(tok, encode_prompt(tok, p, chat=chat, always_prefix=True), model.config.block_size,
+                          max_new_tokens)[0] for p in prompts]  # fmt: skip
     except ValueError as e:
         raise UserError(f"--max-new-tokens: {e}") from None
-    return [r.text for r in engine.generate(ids, params, batch_size=batch_size)]
+    return [r.text for r in Engine(model, tok).generate(ids, params, batch_size=batch_size)]
 
 
 def exact_match(completions: Sequence[str], items: Sequence[dict]) -> dict:
-    """Accuracy of completions against each item's answer (a string, a number, or a list of accepted ones),
-    compared after `normalize_answer`."""
-    per_item = []
-    for c, it in zip(completions, items):
-        pred = normalize_answer(c)
-        gold = {normalize_answer(a) for a in answers_of(it)}
-        per_item.append({"completion": c, "pred": pred, "correct": pred in gold})
+    """Accuracy of completions against each item's answer (see `matches`)."""
+    per_item = [{"completion": c, "pred": normalize_answer(c), "correct": matches(c, it["answer"])}
+                for c, it in zip(completions, items)]  # fmt: skip
     n = len(per_item)
     return {"exact_match": sum(p["correct"] for p in per_item) / n if n else float("nan"), "n": n, "items": per_item}
 
 
-# ---------------------------------------------------------------------------------------- data files
+def held_out_exact_match(path, section, tok, dist):
+    """The evaluation a training stage runs on a {"prompt", "answer"} file: exact_match of greedy completions
+    (section: eval.limit rows, eval.max_new_tokens, eval.chat), each process a share, summed. None without a file;
+    the returned function takes the bare model."""
+    if not path:
+        return None
+    from llmctl.examples import load
 
+    local = load(path, "exact-match", section.limit)[dist.rank :: dist.world]
 
-def _check_mc(row: dict) -> str | None:
-    ch = row.get("choices")
-    if not isinstance(row.get("question"), str):
-        return 'field "question" must be a string'
-    if not isinstance(ch, list) or len(ch) < 2 or not all(isinstance(c, str) and c for c in ch):
-        return 'field "choices" must be a list of at least 2 non-empty strings'
-    a = row.get("answer")
-    if type(a) is not int or not 0 <= a < len(ch):
-        return f'field "answer" must be the index of the right choice (an integer in [0, {len(ch) - 1}])'
-    return None
+    def run(model) -> dict:
+        right = torch.zeros(2, dtype=torch.float64)
+        if local:
+            done = exact_match(generate_completions(model, tok, [r["prompt"] for r in local], section.max_new_tokens,
+                                                    chat=section.chat), local)  # fmt: skip
+            right += torch.tensor([sum(i["correct"] for i in done["items"]), len(local)], dtype=torch.float64)
+        right = dist.all_sum(right).cpu()
+        return {"exact_match": float(right[0] / right[1])}
 
+    return run
 
-def _check_em(row: dict) -> str | None:
-    a = row.get("answer")
-    ok = lambda v: isinstance(v, (str, int, float)) and not isinstance(v, bool)  # noqa: E731
-    if not isinstance(row.get("prompt"), str):
-        return 'field "prompt" must be a string'
-    if not (ok(a) or (isinstance(a, list) and a and all(ok(v) for v in a))):
-        return 'field "answer" must be a string, a number or a non-empty list of them'
-    return None
-
-
-def _check_pref(row: dict) -> str | None:
-    for k in ("prompt", "chosen", "rejected"):
-        if not isinstance(row.get(k), str):
-            return f'field "{k}" must be a string'
-    if not row["chosen"] or not row["rejected"]:
-        return 'fields "chosen" and "rejected" must not be empty'
-    return None
-
-
-SCHEMAS: dict[str, tuple[str, Callable[[dict], str | None]]] = {
-    "mc": ('{"question": ..., "choices": [...], "answer": INDEX}', _check_mc),
-    "exact-match": ('{"prompt": ..., "answer": ...}', _check_em),
-    "preference": ('{"prompt": ..., "chosen": ..., "rejected": ...}', _check_pref),
-}
-
-
-def read_jsonl(path, task: str, limit: int | None = None) -> list[dict]:
-    """Records of a `.jsonl` / `.jsonl.gz` file for `task` (a key of SCHEMAS); blank lines are skipped; a bad
-    line is a UserError naming file:line."""
-    p = Path(path)
-    if not p.exists():
-        raise UserError(f"no such file: {p}")
-    if p.is_dir():
-        raise UserError(f"--data for --task {task} must be a JSONL file, got a directory: {p}")
-    shape, check = SCHEMAS[task]
-    rows = []
-    for lineno, row in iter_jsonl(p):
-        if limit is not None and len(rows) >= limit:
-            break
-        problem = check(row) if isinstance(row, dict) else f"expected an object {shape}"
-        if problem:
-            raise UserError(f"{p}:{lineno}: {problem} (--task {task} reads {shape})")
-        rows.append(row)
-    if not rows:
-        raise UserError(f"{p} holds no records")
-    return rows

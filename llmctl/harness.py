@@ -7,7 +7,7 @@ through llmctl.evaluate: `loglikelihood` -> score_pairs (lm-eval's context / con
 
 Tasks: names of lm-eval tasks, or of tasks defined by YAML files under `include` (lm-eval's include_path),
 e.g. a multiple-choice task over a local JSONL file (`dataset_path: json`, `dataset_kwargs.data_files`).
-With `include`, only those local tasks are indexed (lm-eval's ~15k built-in ones take ~10 s to index);
+With `include`, only those local tasks are indexed (not lm-eval's ~15k built-in ones);
 built-in tasks need their datasets already in the Hugging Face cache: nothing is downloaded (offline mode).
 """
 
@@ -18,6 +18,7 @@ import os
 import sys
 
 from llmctl import evaluate
+from llmctl.chat import prefix_ids
 from llmctl.errors import UserError
 
 
@@ -51,7 +52,7 @@ def make_lm(model, tok, batch_size: int = 16):
         def loglikelihood_rolling(self, requests, disable_tqdm: bool = False):
             from lm_eval.utils import get_rolling_token_windows, make_disjoint_window
 
-            prefix = evaluate.prefix_ids(self.tok)
+            prefix = prefix_ids(self.tok)
             if not prefix:
                 raise UserError("loglikelihood_rolling needs a bos or eos token to start from")
             out = []

@@ -20,9 +20,10 @@ from pathlib import Path
 
 import torch
 
-from llmctl.checkpoint import resolve_model_dir, writing
+from llmctl.checkpoint import read_safetensors, resolve_model_dir, writing
 from llmctl.errors import UserError
-from llmctl.model import ModelConfig, Transformer
+from llmctl.config import ModelConfig
+from llmctl.model import Transformer, unwrap
 
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "chat_template.jinja")
 LLAMA_TYPES = ("llama", "mistral", "qwen2")
@@ -166,38 +167,33 @@ def _read_json(p: Path) -> dict:
 # ------------------------------------------------------------------------------------------------------ save / load
 
 
-def unwrap(model: torch.nn.Module) -> Transformer:
-    """The bare Transformer inside torch.compile (`_orig_mod`) and DDP/FSDP-style (`module`) wrappers."""
-    while not isinstance(model, Transformer):
-        inner = getattr(model, "_orig_mod", None) or getattr(model, "module", None)
-        if inner is None:
-            raise TypeError(f"expected an llmctl Transformer, got {type(model).__name__}")
-        model = inner
-    return model
-
-
 def save_model(model, out_dir, *, tokenizer_dir=None, dtype=None) -> Path:
     """Write a Hugging Face model folder: config.json, model.safetensors, generation_config.json and the tokenizer
     files found in `tokenizer_dir` (a folder, or a tokenizer.json path). dtype: weights dtype (default: the model's)."""
-    from safetensors.torch import save_file
-
-    model = unwrap(model)
+    model = unwrap(model, Transformer)
     cfg = model.config
     dtype = _as_dtype(dtype) if dtype is not None else model.lm_head.weight.dtype
+    tied = "lm_head.weight" if cfg.tie_embeddings else None  # HF re-ties it from the embedding
+    gen = {k: getattr(cfg, k) for k in ("bos_token_id", "eos_token_id", "pad_token_id") if getattr(cfg, k) is not None}
+    return write_folder(out_dir, {k: t for k, t in model.state_dict().items() if k != tied}, cfg.arch, dtype,
+                        {"config.json": config_to_hf(cfg, dtype), "generation_config.json": gen}, tokenizer_dir)
+
+
+def write_folder(out_dir, state: dict, arch: str, dtype, files: dict, tokenizer_dir=None) -> Path:
+    """A Hugging Face folder: model.safetensors from `state` in `dtype` (GPT-2's projections transposed to its
+    Conv1D layout), the JSON `files` (name -> object) and the tokenizer files of `tokenizer_dir`."""
+    from safetensors.torch import save_file
+
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     tensors = {}
-    for k, t in model.state_dict().items():
-        if k == "lm_head.weight" and cfg.tie_embeddings:
-            continue  # HF re-ties it from the embedding
-        if cfg.arch == "gpt2" and GPT2_CONV1D.search(k):
+    for k, t in state.items():
+        if arch == "gpt2" and GPT2_CONV1D.search(k):
             t = t.t()  # nn.Linear [out, in] -> Conv1D [in, out]
-        t = t.detach().to("cpu", dtype if t.is_floating_point() else t.dtype)
-        tensors[k] = t.contiguous()
+        tensors[k] = t.detach().to("cpu", dtype if t.is_floating_point() else t.dtype).contiguous()
     with writing(out / "model.safetensors"):
         save_file(tensors, str(out / "model.safetensors"), metadata={"format": "pt"})
-    gen = {k: getattr(cfg, k) for k in ("bos_token_id", "eos_token_id", "pad_token_id") if getattr(cfg, k) is not None}
-    for name, obj in (("config.json", config_to_hf(cfg, dtype)), ("generation_config.json", gen)):
+    for name, obj in files.items():
         with writing(out / name):
             (out / name).write_text(json.dumps(obj, indent=2) + "\n", encoding="utf-8")
     copy_tokenizer(tokenizer_dir, out)
@@ -232,56 +228,6 @@ def _weight_files(d: Path) -> list[Path]:
         raise UserError(f"{d} has pickled weights only (pytorch_model.bin); llmctl reads safetensors only — "
                         "convert them with transformers (save_pretrained(..., safe_serialization=True))")  # fmt: skip
     raise UserError(f"incompatible checkpoint: no model.safetensors in {d}")
-
-
-_ST_DTYPES = {"F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16,
-              "I64": torch.int64, "I32": torch.int32, "I16": torch.int16, "I8": torch.int8, "U8": torch.uint8,
-              "BOOL": torch.bool}
-
-
-def read_safetensors(path: Path, data: bool = True):
-    """(name, tensor) for every tensor of a .safetensors file, read one at a time with plain reads: unlike a
-    memory map, the file's pages never count against the process, so loading needs the model's memory plus
-    one tensor, not twice the model. A malformed file is a UserError. data=False checks the layout only."""
-    bad = lambda why: UserError(f"cannot read {path}: {why}")  # noqa: E731
-    with open(path, "rb") as f:
-        size = f.seek(0, 2)
-        f.seek(0)
-        head = f.read(8)
-        n = int.from_bytes(head, "little") if len(head) == 8 else -1
-        if not 0 < n <= size - 8:
-            raise bad("not a safetensors file (bad header length)")
-        try:
-            header = json.loads(f.read(n))
-        except ValueError as e:
-            raise bad(f"invalid header ({e})") from None
-        if not isinstance(header, dict):
-            raise bad("invalid header")
-        base = 8 + n
-        for name, info in header.items():
-            if name == "__metadata__":
-                continue
-            try:
-                dtype, shape, (start, end) = _ST_DTYPES[info["dtype"]], list(info["shape"]), info["data_offsets"]
-            except (KeyError, TypeError, ValueError):
-                raise bad(f"unsupported or malformed entry for {name!r}") from None
-            numel = 1
-            for d in shape:
-                numel *= d
-            if end - start != numel * dtype.itemsize or start < 0 or base + end > size:
-                raise bad(f"entry {name!r} does not fit the file")
-            if not data:
-                continue
-            buf = bytearray(end - start)
-            f.seek(base + start)
-            f.readinto(buf)
-            yield name, (torch.frombuffer(buf, dtype=dtype) if buf else torch.empty(0, dtype=dtype)).reshape(shape)
-
-
-def check_safetensors(path: Path) -> None:
-    """Raise UserError unless `path` is a whole safetensors file (its header parses and every tensor fits)."""
-    for _ in read_safetensors(path, data=False):
-        pass
 
 
 def load_state(params: dict, files, rename, arch: str, what: str = "checkpoint") -> tuple[set, list]:
@@ -340,3 +286,22 @@ def load_model(path, *, device="cpu", dtype=torch.float32) -> Transformer:
     loaded, unexpected = load_state(params, files, rename, cfg.arch)
     check_keys(d, sorted(set(params) - loaded), unexpected)
     return model.eval()
+
+
+def load(path, *, device="cpu", dtype=torch.float32):
+    """(model, tokenizer) of a MODEL (model directory, run directory or local Hugging Face folder)."""
+    from llmctl.tokenizer import load_tokenizer
+
+    d = resolve_model_dir(path)
+    tok = load_tokenizer(d)
+    model = load_model(d, device=device, dtype=dtype)
+    check_vocab(tok, model.config, d)
+    return model, tok
+
+
+def check_vocab(tok, config: ModelConfig, where) -> None:
+    """A tokenizer with more tokens than the model has embeddings is a UserError naming `where`."""
+    if tok.vocab_size > config.vocab_size:
+        raise UserError(f"tokenizer / model vocab mismatch in {where}: the tokenizer has {tok.vocab_size} tokens, "
+                        f"the model {config.vocab_size}")
+

@@ -30,6 +30,7 @@ from llmctl.checkpoint import atomic_write, clean_stale, list_checkpoints, publi
 from llmctl.config import dump_recipe, to_dict
 from llmctl.dist import Dist
 from llmctl.errors import UserError
+from llmctl.model import unwrap
 from llmctl.progress import Progress
 
 # Peak dense bf16 FLOP/s of known accelerators, for the MFU estimate.
@@ -196,7 +197,7 @@ def train(recipe, task: Task, dist: Dist, resume: Optional[Path] = None) -> dict
             dist.barrier()
         if dist.is_main:
             with writing(tmp / "model.safetensors", cleanup=tmp):
-                task.save_model(dist.unwrap(model), tmp)
+                task.save_model(unwrap(model), tmp)
             for name, obj in (("optimizer.pt", optimizer.state_dict()), ("rng.pt", _rng_state())):
                 with writing(tmp / name, cleanup=tmp):
                     torch.save(obj, tmp / name)

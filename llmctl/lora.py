@@ -105,10 +105,11 @@ def _fix_config(adapter_dir: Path, arch: str, base: str | None) -> None:
 def save_adapter(peft_model, out_dir, base: str | None, tokenizer_dir=None) -> Path:
     """Write a peft adapter folder (adapter_config.json, adapter_model.safetensors) plus the tokenizer files."""
     from llmctl.hf import copy_tokenizer
+    from llmctl.model import unwrap
 
     out = Path(out_dir)
     peft_model.save_pretrained(str(out), safe_serialization=True, save_embedding_layers=False)
-    _fix_config(out, peft_model.get_base_model().config.arch, base)
+    _fix_config(out, unwrap(peft_model).config.arch, base)
     copy_tokenizer(tokenizer_dir, out)
     return out
 

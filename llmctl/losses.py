@@ -1,9 +1,11 @@
-"""Preference and RL losses for `llmctl rlhf`: pure torch functions, computed in fp32 whatever the input dtype.
+"""The losses of the training stages: next-token cross-entropy (`lm_loss`, pretrain and sft), and the preference
+and RL losses of `llmctl rlhf` as pure torch functions, computed in fp32 whatever the input dtype.
 
 Shapes: B pairs / sequences, T token positions. Token-level tensors are right-padded [B, T] with a `mask` (1 on
 the tokens that count, e.g. response tokens; 0 on prompt and padding). Per-token losses come back unreduced and
 already zero where mask is 0, so the caller can SUM them and normalise by the token count in one place.
 
+    lm_loss              summed token cross-entropy   (the model's chunked linear cross-entropy)
     bradley_terry_loss   reward modelling            Ouyang et al. 2022 (InstructGPT), eq. 1
     dpo_loss             DPO / conservative DPO / IPO Rafailov et al. 2023; Mitchell 2023; Azar et al. 2023
     gae                  advantages and returns       Schulman et al. 2016 (GAE)
@@ -34,6 +36,13 @@ def masked_mean(x: torch.Tensor, mask: torch.Tensor, dim: int | None = None) -> 
     return masked_sum(x, mask, dim) / n.clamp_min(1)
 
 
+def lm_loss(model, batch: dict) -> torch.Tensor:
+    """fp32 sum of the cross-entropy over a micro-batch's targets (-100: ignored); packed rows bring their
+    position_ids and attention mask."""
+    return model(batch["idx"], batch["targets"], position_ids=batch.get("position_ids"),
+                 attn_mask=batch.get("attn_mask"))  # fmt: skip
+
+
 # ------------------------------------------------------------------------------------------------- preferences
 
 
@@ -43,6 +52,11 @@ def bradley_terry_loss(r_chosen: torch.Tensor, r_rejected: torch.Tensor) -> torc
         loss = -log sigmoid(r_c - r_r)                              (Ouyang et al. 2022, eq. 1)
     """
     return -F.logsigmoid(r_chosen.float() - r_rejected.float())
+
+
+def pair_accuracy(margin: torch.Tensor) -> torch.Tensor:
+    """Per pair [B]: 1 where the chosen side scores higher (margin > 0), 1/2 on a tie, 0 otherwise."""
+    return (margin > 0).float() + 0.5 * (margin == 0).float()
 
 
 def dpo_loss(pi_chosen: torch.Tensor, pi_rejected: torch.Tensor, ref_chosen: torch.Tensor,

@@ -16,83 +16,36 @@ from __future__ import annotations
 
 import contextlib
 import math
-from dataclasses import dataclass
-from typing import Optional
-
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
 from torch.utils.checkpoint import checkpoint
 
 from llmctl import attention as cpu_attention
+from llmctl import ops
+from llmctl.config import ModelConfig
 
-ARCHS = ("llama", "gpt2")
 try:  # Intel AMX makes bf16 matmuls and attention fast on CPU; without it fp32 attention is faster than bf16
     CPU_HAS_AMX = bool(torch._C._cpu._init_amx())
 except Exception:
     CPU_HAS_AMX = False
 
 
-def llama_intermediate_size(n_embd: int, multiple_of: int = 64) -> int:
-    """SwiGLU hidden size: 8/3 * n_embd (same parameter count as a 4x GELU MLP), rounded up to a multiple of 64."""
-    return multiple_of * math.ceil(8 * n_embd / 3 / multiple_of)
-
-
-@dataclass
-class ModelConfig:
-    arch: str = "llama"  # "llama" (RoPE, RMSNorm, SwiGLU, GQA) or "gpt2" (learned positions, LayerNorm, GELU)
-    vocab_size: int = 32000
-    n_layer: int = 12
-    n_head: int = 12
-    n_embd: int = 768
-    n_kv_head: Optional[int] = None  # None -> n_head; fewer = grouped-query attention (llama only)
-    head_dim: Optional[int] = None  # None -> n_embd // n_head
-    intermediate_size: Optional[int] = None  # None -> llama: llama_intermediate_size(n_embd); gpt2: 4 * n_embd
-    block_size: int = 1024  # maximum number of positions
-    rope_theta: float = 10000.0
-    norm_eps: float = 1e-5
-    qkv_bias: bool = False  # biases on q/k/v projections (Qwen2); gpt2 always has biases
-    attn_out_bias: bool = False  # bias on o_proj as well (Llama's attention_bias=True sets both)
-    tie_embeddings: Optional[bool] = None  # None -> llama False, gpt2 True
-    dropout: float = 0.0  # attention probabilities, residual branches (and gpt2 embeddings)
-    bos_token_id: Optional[int] = None
-    eos_token_id: Optional[int] = None
-    pad_token_id: Optional[int] = None
-    init_std: float = 0.02
-
-    def __post_init__(self):
-        """Fill the derived defaults (None -> concrete value) and validate; raises ValueError."""
-        _require(self.arch in ARCHS, f"model.arch must be one of {', '.join(ARCHS)}, got {self.arch!r}")
-        for name in ("vocab_size", "n_layer", "n_head", "n_embd", "block_size"):
-            v = getattr(self, name)
-            _require(type(v) is int and v > 0, f"model.{name} must be a positive integer, got {v!r}")
-        if self.n_kv_head is None:
-            self.n_kv_head = self.n_head
-        _require(self.n_kv_head > 0 and self.n_head % self.n_kv_head == 0,
-                 f"model.n_head ({self.n_head}) must be a multiple of model.n_kv_head ({self.n_kv_head})")  # fmt: skip
-        if self.head_dim is None:
-            _require(self.n_embd % self.n_head == 0,
-                     f"model.n_embd ({self.n_embd}) must be divisible by model.n_head ({self.n_head})")  # fmt: skip
-            self.head_dim = self.n_embd // self.n_head
-        _require(self.head_dim > 0 and (self.head_dim % 2 == 0 or self.arch == "gpt2"),
-                 f"model.head_dim must be positive and even (rotary embeddings), got {self.head_dim}")  # fmt: skip
-        if self.intermediate_size is None:
-            self.intermediate_size = 4 * self.n_embd if self.arch == "gpt2" else llama_intermediate_size(self.n_embd)
-        if self.tie_embeddings is None:
-            self.tie_embeddings = self.arch == "gpt2"
-        if self.arch == "gpt2":
-            _require(self.n_kv_head == self.n_head, "gpt2 has no grouped-query attention: n_kv_head must equal n_head")
-            _require(self.head_dim * self.n_head == self.n_embd, "gpt2 needs head_dim * n_head == n_embd")
-        _require(self.qkv_bias or not self.attn_out_bias,
-                 "model.attn_out_bias needs model.qkv_bias (no HF architecture has an o_proj bias alone)")  # fmt: skip
-        _require(0.0 <= self.dropout < 1.0, f"model.dropout must be in [0, 1), got {self.dropout}")
-        _require(min(self.rope_theta, self.norm_eps, self.init_std) > 0,
-                 "model.rope_theta, model.norm_eps and model.init_std must be positive")  # fmt: skip
-
-
-def _require(ok: bool, msg: str) -> None:
-    if not ok:
-        raise ValueError(msg)
+def unwrap(model: nn.Module, kind: type | None = None) -> nn.Module:
+    """The module inside torch.compile (`_orig_mod`), DDP / FSDP (`module`) and peft (`get_base_model()`) wrappers,
+    in any nesting: the first of type `kind`, or with no kind the innermost. TypeError when there is none."""
+    while kind is None or not isinstance(model, kind):
+        inner = getattr(model, "_orig_mod", None)
+        if inner is None:
+            inner = getattr(model, "module", None)
+        if inner is None and hasattr(model, "get_base_model"):
+            inner = model.get_base_model()
+        if inner is None:
+            if kind is None:
+                return model
+            raise TypeError(f"expected an llmctl {kind.__name__}, got {type(model).__name__}")
+        model = inner
+    return model
 
 
 class KVCache:
@@ -138,7 +91,7 @@ def attend(q, k, v, mask, cache, layer_idx, dropout_p):
         k, v = k.to(q.dtype), v.to(q.dtype)
     dtype, upcast = q.dtype, q.device.type == "cpu" and not CPU_HAS_AMX
     upcast = upcast and (dtype != torch.float32 or torch.is_autocast_enabled("cpu"))
-    if upcast:  # CPU without AMX: bf16/fp16 flash attention is 2-3x slower than fp32
+    if upcast:  # CPU without AMX: bf16/fp16 flash attention is slower than fp32
         q, k, v = q.float(), k.float(), v.float()
     if cpu_attention.applies(q, k, mask, cache, dropout_p):  # fp32 CPU training / full forward: llmctl's kernels
         return cpu_attention.causal_attention(q, k, v)[0].to(dtype)
@@ -164,37 +117,11 @@ class RMSNorm(nn.Module):
 
     def forward(self, x):
         if _eager_training() and (x.requires_grad or self.weight.requires_grad):
-            return _RMSNorm.apply(x, self.weight, self.eps)
+            return ops.RMSNormFn.apply(x, self.weight, self.eps)
         dtype = x.dtype
         x = x.float()
         x = x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + self.eps)
         return self.weight * x.to(dtype)
-
-
-class _RMSNorm(torch.autograd.Function):
-    """RMSNorm.forward as one autograd op: the same forward, a hand-written backward that saves only the normed
-    activations and the inverse RMS (autograd's graph keeps ~4 tensors and runs ~10 elementwise passes)."""
-
-    @staticmethod
-    def forward(ctx, x, w, eps):
-        xf = x.float()
-        r = torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + eps)  # [..., 1]
-        y = xf * r  # fp32
-        ctx.save_for_backward(y, r, w)
-        ctx.dtype = x.dtype
-        return w * y.to(x.dtype)
-
-    @staticmethod
-    def backward(ctx, g):
-        y, r, w = ctx.saved_tensors
-        gx = gw = None
-        if ctx.needs_input_grad[1]:
-            gw = (g * y.to(ctx.dtype)).reshape(-1, w.numel()).sum(0).to(w.dtype)
-        if ctx.needs_input_grad[0]:
-            gy = (g * w).to(ctx.dtype).float()
-            dot = (gy * y).mean(-1, keepdim=True)  # d rms terms: dx = r * (gy - y * mean(gy * y))
-            gx = torch.addcmul(gy, y, dot, value=-1).mul_(r).to(ctx.dtype)
-        return gx, gw, None
 
 
 def rotate_half(x):
@@ -213,43 +140,6 @@ def _eager_training() -> bool:
     return torch.is_grad_enabled() and not torch.compiler.is_compiling()
 
 
-def _swap_halves(x):
-    h = x.size(-1) // 2
-    return torch.cat((x[..., h:], x[..., :h]), dim=-1)
-
-
-class _Rope(torch.autograd.Function):
-    """apply_rope as one autograd op: rotate_half(x) * sin == swap_halves(x) * signed_sin, so the forward is
-    x * cos + swap(x) * ssin (3 passes instead of 5) and the backward g * cos + swap(g * ssin); saves no
-    activations."""
-
-    @staticmethod
-    def forward(ctx, x, cos, ssin):
-        ctx.save_for_backward(cos, ssin)
-        return torch.addcmul(x * cos, _swap_halves(x), ssin)
-
-    @staticmethod
-    def backward(ctx, g):
-        cos, ssin = ctx.saved_tensors
-        return torch.addcmul(_swap_halves(g * ssin), g, cos), None, None
-
-
-def _fusable(*linears) -> bool:
-    """Plain nn.Linear layers (no LoRA wrapper, no hooks) with matching biases: one matmul may replace them."""
-    return all(type(m) is nn.Linear and not (m._forward_hooks or m._forward_pre_hooks) for m in linears) and (
-        len({m.bias is None for m in linears}) == 1)
-
-
-def _cat_linear(x, *linears):
-    """The outputs of several nn.Linear on the same input, concatenated on the last dim, as ONE matmul (weights
-    concatenated on the fly: parameters and checkpoints keep HF's separate names). Training only: the copy of the
-    weights is small next to a training batch's matmuls, and the backward gets one grad-input matmul instead of
-    several plus their accumulation."""
-    w = torch.cat([m.weight for m in linears])
-    b = None if linears[0].bias is None else torch.cat([m.bias for m in linears])
-    return F.linear(x, w, b)
-
-
 class LlamaAttention(nn.Module):
     def __init__(self, cfg: ModelConfig, layer_idx: int):
         super().__init__()
@@ -262,7 +152,7 @@ class LlamaAttention(nn.Module):
 
     def forward(self, x, rope, mask, cache):
         B, T, _ = x.shape
-        if _eager_training() and _fusable(self.q_proj, self.k_proj, self.v_proj):
+        if _eager_training() and ops.fusable(self.q_proj, self.k_proj, self.v_proj):
             return self._forward_fused(x, rope, mask, cache)
         q = self.q_proj(x).view(B, T, self.nh, self.hd).transpose(1, 2)  # [B, nh, T, hd]
         k = self.k_proj(x).view(B, T, self.nkv, self.hd).transpose(1, 2)  # [B, nkv, T, hd]
@@ -276,13 +166,13 @@ class LlamaAttention(nn.Module):
         """The training forward: q, k, v from one matmul; RoPE on q and k together, in [B, T, heads, hd] layout."""
         B, T, _ = x.shape
         nh, nkv = self.nh, self.nkv
-        qkv = _cat_linear(x, self.q_proj, self.k_proj, self.v_proj).view(B, T, nh + 2 * nkv, self.hd)
+        qkv = ops.cat_linear(x, self.q_proj, self.k_proj, self.v_proj).view(B, T, nh + 2 * nkv, self.hd)
         qk, v = qkv.split([nh + nkv, nkv], dim=2)
         cos, sin = rope[0].to(qkv.dtype), rope[1].to(qkv.dtype)  # [T, hd] or [B, 1, T, hd]
         cos, sin = (cos[:, None], sin[:, None]) if cos.dim() == 2 else (cos.transpose(1, 2), sin.transpose(1, 2))
         half = self.hd // 2
         ssin = torch.cat((-sin[..., :half], sin[..., half:]), dim=-1)
-        q, k = _Rope.apply(qk, cos, ssin).split([nh, nkv], dim=2)
+        q, k = ops.RopeFn.apply(qk, cos, ssin).split([nh, nkv], dim=2)
         q, k, v = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)  # [B, heads, T, hd]
         y = attend(q, k, v, mask, cache, self.layer_idx, self.dropout if self.training else 0.0)
         return self.o_proj(y)  # [B, T, C]
@@ -359,72 +249,6 @@ def _drop(x, p, training):
     return F.dropout(x, p, training) if p > 0 and training else x
 
 
-# ---------------------------------------------------------------------------------------------------------- loss
-
-
-def linear_cross_entropy(h, w, targets, dtype, need_h=False, need_w=False, chunk=None):
-    """sum_i CE(h_i @ w.T, targets_i) over targets != -100, computed `chunk` rows at a time, with the gradients
-    w.r.t. h [N, C] and w [V, C] (if asked) computed in the same pass. The [N, V] logits never exist whole:
-    less memory, and each chunk's softmax stays in cache (~1.5x faster than lm_head + F.cross_entropy on CPU).
-    Matmuls run in `dtype` (the autocast dtype), softmax and the loss in fp32."""
-    N, V = h.size(0), w.size(0)
-    chunk = chunk or max(64, 2**21 // V)  # ~8 MB of fp32 logits per chunk
-    with torch.autocast(h.device.type, enabled=False):
-        hc_all, wc = h.to(dtype), w.to(dtype)
-        loss = torch.zeros((), dtype=torch.float32, device=h.device)
-        grad_h = torch.empty_like(h) if need_h else None
-        grad_w = torch.zeros_like(w, dtype=torch.float32) if need_w else None
-        compiling = torch.compiler.is_compiling()
-        for s in range(0, N, chunk):
-            hc, tc = hc_all[s : s + chunk], targets[s : s + chunk]
-            valid = (tc != -100)[:, None]  # [n, 1]
-            tgt = torch.where(valid, tc[:, None], 0)  # [n, 1]
-            logits = (hc @ wc.t()).float()  # [n, V]
-            target_logit = logits.gather(1, tgt)  # [n, 1]
-            if compiling:  # written out: the compiler fuses these passes itself (and does worse with softmax)
-                m = logits.amax(dim=-1, keepdim=True)  # [n, 1]
-                e = logits.sub_(m).exp_()  # [n, V], in place: one pass for both the loss and the softmax
-                z = e.sum(dim=-1, keepdim=True)  # [n, 1]
-                lse, p = m + z.log(), e.div_(z)
-            else:
-                m, arg = logits.max(dim=-1, keepdim=True)  # [n, 1]
-                # the fused row-wise softmax kernel (each row read, exponentiated, written once while in cache);
-                # at the row's argmax it is exp(0) / z = 1 / z (>= 1 / V, never underflows): log z = -log(p[arg])
-                p = torch.softmax(logits, dim=-1)  # [n, V]
-                del logits
-                lse = m - p.gather(1, arg).log()  # [n, 1]
-            loss = loss + ((lse - target_logit) * valid).sum()
-            if need_h or need_w:
-                p.scatter_add_(1, tgt, -valid.float())  # d CE / d logits = softmax - onehot
-                p = p.to(dtype)  # ignored rows are zeroed below, on the [n, C] sides (V / C times cheaper)
-                if need_h:
-                    grad_h[s : s + chunk] = (p @ wc).mul_(valid)
-                if need_w:
-                    hv = hc * valid
-                    if grad_w.dtype == dtype and not compiling:
-                        grad_w.addmm_(p.t(), hv)  # accumulated inside the matmul: no [V, C] temporary
-                    else:
-                        grad_w += p.t() @ hv
-    return loss, grad_h, grad_w
-
-
-class _LinearCrossEntropy(torch.autograd.Function):
-    """linear_cross_entropy as an autograd op: the gradients come from the forward pass, backward only scales."""
-
-    @staticmethod
-    def forward(ctx, h, w, targets, dtype):
-        loss, grad_h, grad_w = linear_cross_entropy(h, w, targets, dtype, *ctx.needs_input_grad[:2])
-        ctx.save_for_backward(grad_h, grad_w)
-        return loss
-
-    @staticmethod
-    def backward(ctx, grad_loss):
-        grad_h, grad_w = ctx.saved_tensors
-        grad_h = None if grad_h is None else grad_h * grad_loss.to(grad_h.dtype)
-        grad_w = None if grad_w is None else grad_w * grad_loss
-        return grad_h, grad_w, None, None
-
-
 # ----------------------------------------------------------------------------------------------------- the model
 
 
@@ -461,9 +285,6 @@ class Transformer(nn.Module):
 
     def get_input_embeddings(self) -> nn.Embedding:
         return self.model.embed_tokens if self.config.arch == "llama" else self.transformer.wte
-
-    def get_output_embeddings(self) -> nn.Linear:
-        return self.lm_head
 
     def tie_weights(self) -> None:
         if self.config.tie_embeddings:
@@ -523,16 +344,6 @@ class Transformer(nn.Module):
         cfg = self.config
         n = sum(m.weight.numel() for m in self.modules() if isinstance(m, nn.Linear))
         return 6 * n + 12 * cfg.n_layer * cfg.n_head * cfg.head_dim * seq_len
-
-    def param_groups(self, weight_decay: float) -> list[dict]:
-        """AdamW groups: decay on matmul weights (2-D, lm_head included unless tied); no decay on embeddings
-        (token, position, hence a tied lm_head), norms and biases. Only parameters that require grad."""
-        embeddings = {id(m.weight) for m in self.modules() if isinstance(m, nn.Embedding)}
-        decay, no_decay = [], []
-        for p in self.parameters():
-            if p.requires_grad:
-                (decay if p.dim() >= 2 and id(p) not in embeddings else no_decay).append(p)
-        return [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
 
     # --- inference helpers ---
 
@@ -606,5 +417,5 @@ class Transformer(nn.Module):
         w, dev = self.lm_head.weight, x.device.type
         dtype = torch.get_autocast_dtype(dev) if torch.is_autocast_enabled(dev) else h.dtype
         if torch.is_grad_enabled() and (h.requires_grad or w.requires_grad):
-            return _LinearCrossEntropy.apply(h, w, t, dtype)
-        return linear_cross_entropy(h, w, t, dtype)[0]
+            return ops.LinearCrossEntropy.apply(h, w, t, dtype)
+        return ops.linear_cross_entropy(h, w, t, dtype)[0]

@@ -1,17 +1,20 @@
-"""The model a fine-tuning stage trains (sft, lora, rlhf): every weight of a MODEL, or LoRA adapters on it, plus
-its frozen reference (for DPO, PPO and GRPO's KL) and the function that writes its checkpoint directory."""
+"""The model a fine-tuning stage trains (sft, lora, dpo, ppo, grpo): every weight of a MODEL, or LoRA adapters on
+it, plus its frozen reference (for DPO, PPO and GRPO's KL) and the function that writes its checkpoint directory;
+for RL, the policy with a value head (`ActorCritic`)."""
 
 from __future__ import annotations
 
-import copy
 from contextlib import contextmanager
 from pathlib import Path
 
 import torch
+from torch import nn
 
 from llmctl import hf
 from llmctl.checkpoint import resolve_model_dir
 from llmctl.errors import UserError
+from llmctl.evaluate import token_logprobs
+from llmctl.model import unwrap
 from llmctl.tokenizer import load_tokenizer
 
 
@@ -30,13 +33,11 @@ class Policy:
 
             base = hf.load_model(self.base_dir)
             self.peft = lora_lib.load(base, resume, trainable=True) if resume else lora_lib.apply(base, lora_section)
-            self.model = self.peft.get_base_model()
+            self.model = unwrap(self.peft)
         else:
             self.peft = None
             self.model = hf.load_model(resume or self.base_dir)
-        if self.tok.vocab_size > self.model.config.vocab_size:
-            raise UserError(f"tokenizer / model vocab mismatch: the tokenizer of {self.base_dir} has "
-                            f"{self.tok.vocab_size} tokens, the model {self.model.config.vocab_size}")
+        hf.check_vocab(self.tok, self.model.config, self.base_dir)
 
     def save(self, model, out_dir) -> None:
         if self.lora:
@@ -63,12 +64,71 @@ class Policy:
         with torch.no_grad():
             yield self._ref
 
-    def frozen_copy(self):
-        """A frozen snapshot of the current policy weights (e.g. a rollout policy)."""
-        return copy.deepcopy(self.model).eval().requires_grad_(False)
-
     def describe(self) -> str:
-        n_all = sum(p.numel() for p in self.model.parameters())
-        n_train = sum(p.numel() for p in self.model.parameters() if p.requires_grad)
-        return (f"{self.base_dir} ({self.model.config.arch}, {n_all / 1e6:.2f}M parameters, "
-                f"{n_train / 1e6:.3f}M = {n_train / n_all:.2%} trained{', LoRA' if self.lora else ''})")
+        return describe(self.model, self.base_dir, self.lora)
+
+
+def describe(model, what, lora: bool = False) -> str:
+    """`what (arch, N parameters, M = x% trained[, LoRA])` for a stage's first line on stderr."""
+    n_all = sum(p.numel() for p in model.parameters())
+    n_train = sum(p.numel() for p in model.parameters() if p.requires_grad)
+    return (f"{what} ({model.config.arch}, {n_all / 1e6:.2f}M parameters, {n_train / 1e6:.3f}M = "
+            f"{n_train / n_all:.2%} trained{', LoRA' if lora else ''})")
+
+
+def context(recipe, config) -> int:
+    """The sequence length a fine-tuning stage trains on: data.block_size, at most the model's (None: the model's)."""
+    T = recipe.data.block_size or config.block_size
+    if T > config.block_size:
+        raise UserError(f"data.block_size {T} exceeds the model's block_size {config.block_size}")
+    return T
+
+
+# ------------------------------------------------------------------------------------------------ RL
+
+VALUE_HEAD_FILE = "value_head.safetensors"
+
+
+class ActorCritic(nn.Module):
+    """The module RL trains: the policy Transformer and, for PPO, a scalar value head (nn.Linear, zero-initialised)
+    on its final hidden states. forward(idx [B, T], keep [B, T] bool, targets [N]) -> (log p(targets) of logits /
+    temperature [N], values [N] or None), fp32, at the N kept positions in row-major order: one call, so DDP sees
+    every parameter used in forward."""
+
+    def __init__(self, policy_model: nn.Module, value_head: bool, temperature: float = 1.0):
+        super().__init__()
+        self.policy, self.temperature = policy_model, temperature
+        self.value_head = None
+        if value_head:
+            w = policy_model.get_input_embeddings().weight
+            self.value_head = nn.Linear(policy_model.config.n_embd, 1, device=w.device, dtype=w.dtype)
+            nn.init.zeros_(self.value_head.weight)
+            nn.init.zeros_(self.value_head.bias)
+
+    @property
+    def gradient_checkpointing(self) -> bool:
+        return self.policy.gradient_checkpointing
+
+    @gradient_checkpointing.setter
+    def gradient_checkpointing(self, on: bool) -> None:
+        self.policy.gradient_checkpointing = on
+
+    def forward(self, idx, keep, targets):
+        h = self.policy(idx, return_hidden=True)[keep]  # [N, C]
+        logp = token_logprobs(self.policy, h, targets, temperature=self.temperature)[0]  # [N]
+        values = self.value_head(h).squeeze(-1).float() if self.value_head is not None else None
+        return logp, values
+
+    def save_head(self, out_dir: Path) -> None:
+        from safetensors.torch import save_file
+
+        tensors = {k: v.detach().cpu().contiguous() for k, v in self.value_head.state_dict().items()}
+        save_file(tensors, str(Path(out_dir) / VALUE_HEAD_FILE))
+
+    def load_head(self, path: Path) -> None:
+        from safetensors.torch import load_file
+
+        try:
+            self.value_head.load_state_dict({k: v.to(self.value_head.weight) for k, v in load_file(str(path)).items()})
+        except Exception as e:  # noqa: BLE001 - a damaged or foreign file
+            raise UserError(f"incompatible checkpoint: cannot read the value head {path} ({e})") from None

@@ -1,7 +1,9 @@
-"""Training progress on stderr: a rich live bar on a terminal, plain log lines otherwise."""
+"""Progress on stderr: training (a rich live bar on a terminal, plain log lines otherwise) and a plain bar for
+evaluation and encoding (on a terminal only)."""
 
 from __future__ import annotations
 
+import contextlib
 import sys
 import time
 
@@ -60,3 +62,18 @@ class Progress:
         if self._live is not None:
             self._live.stop()
             self._live = None
+
+
+@contextlib.contextmanager
+def progress_bar(total: int, desc: str, enabled: bool = True):
+    """Yields advance(n): a rich progress bar on stderr, only when stderr is a terminal (and enabled)."""
+    if not enabled or not sys.stderr.isatty() or total <= 0:
+        yield lambda n=1: None
+        return
+    from rich.console import Console
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
+
+    with Progress(TextColumn(desc), BarColumn(), MofNCompleteColumn(), TimeRemainingColumn(),
+                  console=Console(stderr=True), transient=True) as bar:  # fmt: skip
+        task = bar.add_task(desc, total=total)
+        yield lambda n=1: bar.advance(task, n)

@@ -69,16 +69,17 @@ def _read_yaml(path: Path) -> dict:
     return d if isinstance(d, dict) else {}
 
 
-def _read_events(path: Path) -> list[dict]:
+def _json_lines(path: Path, keep) -> list[dict]:
+    """The JSON objects of a JSONL file that `keep` accepts (none when it is missing); a line cut short by a crash
+    is skipped."""
     out = []
-    if path.is_file():
-        for line in path.read_text(encoding="utf-8").splitlines():
-            try:
-                e = json.loads(line)
-            except ValueError:
-                continue  # a line cut short by a crash
-            if isinstance(e, dict) and isinstance(e.get("step"), int):
-                out.append(e)
+    for line in path.read_text(encoding="utf-8").splitlines() if path.is_file() else []:
+        try:
+            e = json.loads(line)
+        except ValueError:
+            continue
+        if isinstance(e, dict) and keep(e):
+            out.append(e)
     return out
 
 
@@ -105,7 +106,8 @@ def _stage(model) -> Stage:
             state = json.loads((ck / "trainer_state.json").read_text(encoding="utf-8"))
         except ValueError:
             state = {}
-    events = [e for e in _read_events(run / "metrics.jsonl") if step is None or e["step"] <= step]
+    events = [e for e in _json_lines(run / "metrics.jsonl", lambda e: isinstance(e.get("step"), int))
+              if step is None or e["step"] <= step]  # fmt: skip
     tokens = state.get("tokens")
     if tokens is None:
         tokens = next((e["tokens"] for e in reversed(events) if "tokens" in e), None)
@@ -150,17 +152,7 @@ def record_eval(report_dir, record: dict) -> None:
 
 
 def read_evals(report_dir) -> list[dict]:
-    p = Path(report_dir) / "evals.jsonl"
-    out = []
-    if p.is_file():
-        for line in p.read_text(encoding="utf-8").splitlines():
-            try:
-                r = json.loads(line)
-            except ValueError:
-                continue
-            if isinstance(r, dict) and isinstance(r.get("metrics"), dict):
-                out.append(r)
-    return out
+    return _json_lines(Path(report_dir) / "evals.jsonl", lambda r: isinstance(r.get("metrics"), dict))
 
 
 def _data_labels(evals: list[dict]) -> dict[str, str]:

@@ -1,5 +1,6 @@
-"""A reward model: the llmctl Transformer as a backbone (no lm_head) plus a scalar `score` head, read at the last
-real token of each row; saved as a Hugging Face sequence-classification folder.
+"""Rewards. A reward model: the llmctl Transformer as a backbone (no lm_head) plus a scalar `score` head, read at
+the last real token of each row; saved as a Hugging Face sequence-classification folder. And `Rewards`, what RL's
+rl.reward names: exact match, such a reward model, or a Python function.
 
 A folder written by `save_reward_model` loads with `transformers.AutoModelForSequenceClassification` as
 `LlamaForSequenceClassification` / `Qwen2ForSequenceClassification` / `GPT2ForSequenceClassification`
@@ -13,8 +14,9 @@ never eos when sequences end with eos.
 
 from __future__ import annotations
 
-import json
+import importlib.util
 import math
+from collections.abc import Callable
 from pathlib import Path
 
 import torch
@@ -22,9 +24,10 @@ import torch.nn as nn
 
 from llmctl.checkpoint import resolve_model_dir
 from llmctl.errors import UserError
-from llmctl.hf import (GPT2_CONV1D, IGNORED_KEYS, _as_dtype, _read_json, _weight_files, check_keys, config_from_hf,
-                       config_to_hf, copy_tokenizer, load_state, unwrap)  # fmt: skip
-from llmctl.model import ModelConfig, Transformer
+from llmctl.config import ModelConfig, reward_kind
+from llmctl.hf import (IGNORED_KEYS, _as_dtype, _read_json, _weight_files, check_keys, config_from_hf, config_to_hf,
+                       load_state, write_folder)  # fmt: skip
+from llmctl.model import Transformer, unwrap
 
 
 class RewardModel(nn.Module):
@@ -54,7 +57,7 @@ class RewardModel(nn.Module):
     def from_causal_lm(cls, model: nn.Module, score_std: float | None = None) -> RewardModel:
         """A reward model from a causal LM (e.g. `hf.load_model(init_from)`), unwrapping torch.compile / DDP.
         It takes the model's weights over and removes its lm_head: pass a copy to keep the causal LM."""
-        return cls(unwrap(model), score_std)
+        return cls(unwrap(model, Transformer), score_std)
 
     def forward(self, idx: torch.Tensor, attention_mask: torch.Tensor | None = None, *,
                 per_token: bool = False) -> torch.Tensor:  # fmt: skip
@@ -73,15 +76,6 @@ class RewardModel(nn.Module):
 # ------------------------------------------------------------------------------------------------------ save / load
 
 
-def _unwrap_reward(model: nn.Module) -> RewardModel:
-    while not isinstance(model, RewardModel):
-        inner = getattr(model, "_orig_mod", None) or getattr(model, "module", None)
-        if inner is None:
-            raise TypeError(f"expected an llmctl RewardModel, got {type(model).__name__}")
-        model = inner
-    return model
-
-
 def reward_config_to_hf(cfg: ModelConfig, pad_token_id: int, dtype: torch.dtype = torch.float32) -> dict:
     """hf.config_to_hf's dict for the sequence-classification head: architectures, one label, pad_token_id."""
     d = config_to_hf(cfg, dtype)
@@ -96,28 +90,16 @@ def save_reward_model(model: nn.Module, out_dir, *, pad_token_id: int | None = N
     """Write a Hugging Face sequence-classification folder: config.json, model.safetensors and the tokenizer files
     found in `tokenizer_dir`. pad_token_id (default: the model config's) is required: transformers finds the
     pooled token by it (see the module doc). dtype: weights dtype (default: the model's)."""
-    from safetensors.torch import save_file
-
-    model = _unwrap_reward(model)
+    model = unwrap(model, RewardModel)
     cfg = model.config
     pad = cfg.pad_token_id if pad_token_id is None else pad_token_id
     if pad is None:
         raise UserError("a reward model needs a pad token id (transformers pools the last non-pad token): "
                         "give the tokenizer a pad token")  # fmt: skip
     dtype = _as_dtype(dtype) if dtype is not None else model.score.weight.dtype
-    out = Path(out_dir)
-    out.mkdir(parents=True, exist_ok=True)
-    tensors = {}
-    for k, t in model.state_dict().items():
-        k = k.removeprefix("backbone.")
-        if cfg.arch == "gpt2" and GPT2_CONV1D.search(k):
-            t = t.t()  # nn.Linear [out, in] -> Conv1D [in, out]
-        tensors[k] = t.detach().to("cpu", dtype if t.is_floating_point() else t.dtype).contiguous()
-    save_file(tensors, str(out / "model.safetensors"), metadata={"format": "pt"})
-    hf_cfg = reward_config_to_hf(cfg, pad, dtype)
-    (out / "config.json").write_text(json.dumps(hf_cfg, indent=2) + "\n", encoding="utf-8")
-    copy_tokenizer(tokenizer_dir, out)
-    return out
+    state = {k.removeprefix("backbone."): t for k, t in model.state_dict().items()}
+    return write_folder(out_dir, state, cfg.arch, dtype, {"config.json": reward_config_to_hf(cfg, pad, dtype)},
+                        tokenizer_dir)
 
 
 def load_reward_model(path, *, device="cpu", dtype=torch.float32) -> RewardModel:
@@ -140,3 +122,73 @@ def load_reward_model(path, *, device="cpu", dtype=torch.float32) -> RewardModel
     check_keys(d, missing, unexpected, "reward model",
                " (a causal LM, not a reward model?)" if "score.weight" in missing else "")
     return model.eval()
+
+
+# ------------------------------------------------------------------------------------------------------ RL rewards
+
+
+def load_reward_function(spec: str) -> Callable:
+    """path/to/file.py:function -> the function (imported from the file, not from sys.path)."""
+    path, _, name = spec.rpartition(":")
+    p = Path(path)
+    mod_spec = importlib.util.spec_from_file_location(f"llmctl_reward_{abs(hash(str(p.resolve())))}", p)
+    if mod_spec is None or mod_spec.loader is None:
+        raise UserError(f"rl.reward: cannot import {path} (expected a .py file)")
+    module = importlib.util.module_from_spec(mod_spec)
+    try:
+        mod_spec.loader.exec_module(module)
+    except Exception as e:  # noqa: BLE001 - the user's code
+        raise UserError(f"rl.reward: importing {path} failed: {type(e).__name__}: {e}") from None
+    fn = getattr(module, name, None)
+    if not callable(fn):
+        have = sorted(k for k, v in vars(module).items() if callable(v) and not k.startswith("_"))
+        raise UserError(f"rl.reward: {path} has no function {name!r} (functions there: {', '.join(have) or 'none'})")
+    return fn
+
+
+class Rewards:
+    """One reward per completion, from rl.reward (its form checked by config.reward_kind):
+    exact-match                 1.0 when the completion matches the row's "answer" (evaluate.matches), else 0.0;
+    a reward MODEL directory    its score on prompt + response tokens, as the policy saw them (it must share the
+                                policy's tokenizer);
+    path/to/file.py:function    function(completion: str, answer, prompt: str) -> float, called once per
+                                completion (answer: the row's "answer", None when the row has none)."""
+
+    def __init__(self, spec: str, tok, vocab_size: int):
+        self.spec, self.kind, self.fn, self.model = spec, reward_kind(spec), None, None
+        if self.kind == "function":
+            self.fn = load_reward_function(spec)
+        elif self.kind == "model":
+            from llmctl.hf import load_config
+
+            self.dir = resolve_model_dir(spec)
+            n = load_config(self.dir).vocab_size
+            if n != vocab_size:
+                raise UserError(f"rl.reward: the reward model {self.dir} has a vocabulary of {n} tokens, the "
+                                f"policy {vocab_size}: it must share the policy's tokenizer")
+            self.pad = tok.pad_id if tok.pad_id is not None else 0
+
+    def __call__(self, rows, completions, seqs, device) -> list[float]:
+        if self.kind == "exact-match":
+            from llmctl.evaluate import matches
+
+            return [float(matches(c, r["answer"])) for r, c in zip(rows, completions)]
+        if self.kind == "function":
+            out = []
+            for r, c in zip(rows, completions):
+                try:
+                    v = float(self.fn(c, r["answer"], r["prompt"]))
+                except Exception as e:  # noqa: BLE001 - the user's code
+                    raise UserError(f"rl.reward: {self.spec} raised {type(e).__name__}: {e}") from None
+                if not math.isfinite(v):
+                    raise UserError(f"rl.reward: {self.spec} returned {v} for completion {c!r}")
+                out.append(v)
+            return out
+        if self.model is None:
+            self.model = load_reward_model(self.dir, device=device).requires_grad_(False)
+        from llmctl.examples import pad_right
+
+        b = pad_right(seqs, self.pad)
+        with torch.no_grad():
+            return self.model(b["idx"].to(device), b["attention_mask"].to(device)).cpu().tolist()
+

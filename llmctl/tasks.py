@@ -11,8 +11,7 @@ even or odd?") and a short exact answer ("odd"). `FAMILIES` holds them all, `DEF
 - `pref_{train,test}.jsonl`: `{"prompt": Q, "chosen": A, "rejected": W}` (reward model, DPO), W a plausible wrong
   answer (`wrong_answer`: off by one or ten / one digit changed for a number, two neighbours swapped or one
   item / letter changed for a list or a word), never equal to A after `evaluate.normalize_answer`.
-`reward(completion, answer)` is the RL reward: 1.0 when they match after `normalize_answer`, else 0.0.
-`python -m llmctl.tasks --out DIR [--n-train N] [--n-test N] [--seed S] [--families a,b]` runs `write_tasks`.
+`llmctl tasks` writes them (see llmctl/cli.py).
 
 Determinism and splits: n_train / n_test are split evenly over the families; each family draws from its own
 `random.Random` seeded by (seed, family name), its test items first, and redraws any question it already drew.
@@ -20,46 +19,16 @@ So the same arguments give byte-identical files, no question repeats within or a
 questions never appear in train), and a family's items do not depend on which other families are chosen.
 A family whose question space is too small for the request (succ has 1000 questions) is a UserError.
 
-Calibration (why these defaults). The demo model (4-layer, 128-wide llama, ~1.8M parameters, block_size 128,
-a 4096-token byte-level BPE trained on Python docs, pretrained ~2 minutes on CPU) scores 0% exact-match on
-every family before SFT: it answers nothing sensible. Full fine-tuning on the default 5000 train items, AdamW
-(betas 0.9 / 0.95, no weight decay), 30 warmup steps then cosine to 10%, 32 conversations a step padded to the
-longest (~27 tokens each), loss only on the answer tokens and <|im_end|> (the mean over them), grad clip 1.0,
-one CPU thread; then greedy chat decoding of the 500 test prompts through `evaluate.generate_completions(...,
-chat=True)` scored by `evaluate.exact_match`. cpu s: process CPU time of training and that eval, the fair figure;
-wall s: on a shared 2-core machine busy with other jobs, so up to 2.5x longer than it would be on an idle one:
-
-    steps  lr    batch  cpu s  wall s  held-out EM   parity max first sort_digits count last succ
-    0      -     -      -      -        0.0%  (pretrained)   0    0    0          0     0    0    0
-    400    2e-3  32      49    106     54.0%               81   96   78         62    49    8    3
-    600    2e-3  32      70    125     68.6%               97  100   86         90    52   44   10
-    600    2e-3  32      73    146     65.6%  (seed 1)    100   97   86         76    63   32    3
-    800    2e-3  32      98    187     75.4%              100  100   86         94    58   72   17
-    800    2e-3  32      94    158     73.8%  (seed 1)    100  100   86         89    66   65   10
-    400    3e-3  32      48    128     49.4%               81   96   72         30    56    7    3
-    600    3e-3  32      73    177     59.4%              100   96   79         76    45   11    7
-    800    3e-3  32     102    222     67.8%               99  100   82         77    55   17   44
-    800    3e-3  32      97    158     69.0%  (seed 1)    100  100   88         76    58   51   10
-
-(seed 1: data seed 1 and batch order seed 1; per-family figures are % of ~71 test items each.)
-Suggested SFT for the demo: 600 steps, lr 2e-3, batch 32 (about 70 s of one CPU core, well under 3 minutes):
-~65-70% held-out exact-match, not ~100%: parity and max are solved, while count, last and succ stay at
-3-65% and swing between runs, which leaves RL (GRPO / PPO, rewarded by `reward`) ~30 points of room; 800 steps
-gives ~75%, 400 steps only ~50%. Defaults: 5000 train items (~4 epochs at 600 x 32), 500 test items.
-The other families are harder for the demo model: with all 16 families mixed (800 steps, lr 2e-3) add, sub,
-compare, reverse, sort_letters, repeat and upper stayed at 0-4% (multi-token copying and carrying are beyond
-it in this budget), so they are off by default; pick them with `families=` for larger models.
+Why these defaults (DEFAULT_FAMILIES, 5000 / 500 items): README, Fine-tuning, "The built-in tasks".
 Note that exact-match casefolds, so `upper` is scored like `repeat`.
 """
 
 from __future__ import annotations
 
-import argparse
 import json
 import random
 import re
 import string
-import sys
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -130,39 +99,13 @@ def sort_digits(rng: random.Random) -> Pair:
     return f"Sort the digits {' '.join(map(str, ds))}.", " ".join(map(str, sorted(ds)))
 
 
-def reverse(rng: random.Random) -> Pair:
-    w = _word(rng, 3, 5)
-    return f"Reverse the word {w}.", w[::-1]
+def _on_word(lo: int, hi: int, question: str, answer: Callable[[str], str]) -> Maker:
+    """A family over one made-up word of lo..hi letters: (question with the word, answer(word))."""
+    def make(rng: random.Random) -> Pair:
+        w = _word(rng, lo, hi)
+        return question.format(w), answer(w)
 
-
-def sort_letters(rng: random.Random) -> Pair:
-    w = _word(rng, 3, 5)
-    return f"Sort the letters of {w}.", "".join(sorted(w))
-
-
-def upper(rng: random.Random) -> Pair:
-    w = _word(rng, 3, 6)
-    return f"Uppercase the word {w}.", w.upper()
-
-
-def repeat(rng: random.Random) -> Pair:
-    w = _word(rng, 3, 6)
-    return f"Repeat the word {w}.", w
-
-
-def count(rng: random.Random) -> Pair:
-    w = _word(rng, 2, 8)
-    return f"How many letters are in {w}?", str(len(w))
-
-
-def first(rng: random.Random) -> Pair:
-    w = _word(rng, 3, 7)
-    return f"What is the first letter of {w}?", w[0]
-
-
-def last(rng: random.Random) -> Pair:
-    w = _word(rng, 3, 7)
-    return f"What is the last letter of {w}?", w[-1]
+    return make
 
 
 @dataclass(frozen=True)
@@ -182,13 +125,19 @@ FAMILIES: dict[str, Family] = {f.name: f for f in (
     Family("compare", compare, "larger of two numbers in 0..999"),
     Family("parity", parity, "even / odd of N in 0..9999"),
     Family("sort_digits", sort_digits, "3-5 digits in ascending order, space-separated"),
-    Family("reverse", reverse, "a made-up word of 3-5 letters backwards"),
-    Family("sort_letters", sort_letters, "the letters of a made-up word of 3-5 letters in order"),
-    Family("upper", upper, "a made-up word uppercased (exact-match ignores case: as easy as repeat there)"),
-    Family("repeat", repeat, "a made-up word of 3-6 letters repeated"),
-    Family("count", count, "the number of letters of a made-up word of 2-8 letters"),
-    Family("first", first, "the first letter of a made-up word"),
-    Family("last", last, "the last letter of a made-up word"),
+    Family("reverse", _on_word(3, 5, "Reverse the word {}.", lambda w: w[::-1]),
+           "a made-up word of 3-5 letters backwards"),
+    Family("sort_letters", _on_word(3, 5, "Sort the letters of {}.", lambda w: "".join(sorted(w))),
+           "the letters of a made-up word of 3-5 letters in order"),
+    Family("upper", _on_word(3, 6, "Uppercase the word {}.", str.upper),
+           "a made-up word uppercased (exact-match ignores case: as easy as repeat there)"),
+    Family("repeat", _on_word(3, 6, "Repeat the word {}.", str), "a made-up word of 3-6 letters repeated"),
+    Family("count", _on_word(2, 8, "How many letters are in {}?", lambda w: str(len(w))),
+           "the number of letters of a made-up word of 2-8 letters"),
+    Family("first", _on_word(3, 7, "What is the first letter of {}?", lambda w: w[0]),
+           "the first letter of a made-up word"),
+    Family("last", _on_word(3, 7, "What is the last letter of {}?", lambda w: w[-1]),
+           "the last letter of a made-up word"),
 )}
 DEFAULT_FAMILIES: tuple[str, ...] = ("parity", "max", "first", "sort_digits", "count", "last", "succ")
 
@@ -300,15 +249,6 @@ def wrong_answer(answer: str, rng: random.Random) -> str:
     raise ValueError(f"no wrong answer found for {answer!r}")
 
 
-def reward(completion: str, answer) -> float:
-    """1.0 when the completion equals the answer (or one of a list of answers) after normalize_answer, else 0.0."""
-    from llmctl.evaluate import normalize_answer
-
-    answers = answer if isinstance(answer, (list, tuple)) else [answer]
-    pred = normalize_answer(completion)
-    return 1.0 if any(pred == normalize_answer(a) for a in answers) else 0.0
-
-
 # ------------------------------------------------------------------------------------------------ splits
 
 
@@ -384,8 +324,6 @@ def _rows(items: Sequence[Item], kind: str) -> list[dict]:
     return [{"prompt": it.question, "chosen": it.answer, "rejected": it.rejected} for it in items]
 
 
-
-
 def write_tasks(out_dir, n_train: int = DEFAULT_N_TRAIN, n_test: int = DEFAULT_N_TEST, seed: int = 0,
                 families=None, phrasing: str = "standard") -> dict[str, Path]:
     """Write sft_, rl_ and pref_ train / test JSONL files into out_dir (each atomically); returns name -> path."""
@@ -399,30 +337,3 @@ def write_tasks(out_dir, n_train: int = DEFAULT_N_TRAIN, n_test: int = DEFAULT_N
             atomic_write(p, "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in _rows(items, kind)))
             paths[f"{kind}_{split}"] = p
     return paths
-
-
-def main(argv: Sequence[str] | None = None) -> int:
-    epilog = "task families (* = default):\n" + "\n".join(
-        f"  {'*' if f in DEFAULT_FAMILIES else ' '} {f:<14}{FAMILIES[f].about}" for f in FAMILIES)
-    ap = argparse.ArgumentParser(prog="python -m llmctl.tasks", description=__doc__.split("\n")[0], epilog=epilog,
-                                 formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--out", required=True, help="output directory")
-    ap.add_argument("--n-train", type=int, default=DEFAULT_N_TRAIN, help=f"train items (default {DEFAULT_N_TRAIN})")
-    ap.add_argument("--n-test", type=int, default=DEFAULT_N_TEST, help=f"held-out items (default {DEFAULT_N_TEST})")
-    ap.add_argument("--seed", type=int, default=0, help="the same seed gives the same files (default 0)")
-    ap.add_argument("--families", default=None, help=f"comma-separated (default: {','.join(DEFAULT_FAMILIES)})")
-    ap.add_argument("--phrasing", default="standard", choices=PHRASINGS,
-                    help="alt: the same items, each question worded differently (default standard)")
-    args = ap.parse_args(argv)
-    try:
-        paths = write_tasks(args.out, args.n_train, args.n_test, args.seed, args.families, args.phrasing)
-    except (UserError, OSError) as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
-    for p in paths.values():
-        print(p)
-    return 0
-
-
-if __name__ == "__main__":
-    sys.exit(main())

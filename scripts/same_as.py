@@ -51,10 +51,10 @@ def main() -> int:
     try:
         trees = {"old": old, "new": ROOT}
         caches = {k: work / f"cache-{k}" for k in trees}
-        from llmctl.builtin import builtin_documents
+        from llmctl.builtin import builtin_corpus
 
         corpus = work / "corpus.txt"
-        corpus.write_text("\n\n".join(builtin_documents()[:300]))
+        corpus.write_text("\n\n".join(builtin_corpus()[:300]))
         llmctl(ROOT, caches["new"], "tokenize", "train", corpus, "--vocab-size", 512, "--out", work / "tok")
         llmctl(ROOT, caches["new"], "tokenize", "encode", corpus, "--tokenizer", work / "tok", "--out", work / "data")
         report, same = {}, True

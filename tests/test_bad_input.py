@@ -89,10 +89,10 @@ def _digest(root: Path) -> dict:
 @pytest.fixture(scope="session")
 def world(tmp_path_factory) -> World:
     d = tmp_path_factory.mktemp("world")
-    from llmctl.builtin import builtin_documents
+    from llmctl.builtin import builtin_corpus
 
     corpus = d / "corpus.txt"
-    corpus.write_text("\n\n".join(builtin_documents()[:400]))
+    corpus.write_text("\n\n".join(builtin_corpus()[:400]))
     for args in (["tokenize", "train", corpus, "--vocab-size", 400, "--out", d / "tok"],
                  ["tokenize", "encode", corpus, "--tokenizer", d / "tok", "--out", d / "shards",
                   "--val-fraction", 0.05]):

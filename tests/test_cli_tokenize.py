@@ -12,7 +12,7 @@ import pytest
 from typer.testing import CliRunner
 
 from llmctl.cli import app
-from llmctl.data import TokenShards
+from llmctl.shards import TokenShards
 
 ROOT = Path(__file__).resolve().parents[1]
 runner = CliRunner()

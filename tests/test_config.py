@@ -131,7 +131,7 @@ def test_every_number_has_a_domain_and_the_defaults_lie_in_it(cls):
     import dataclasses
     import typing
 
-    from llmctl.config import _check_value, _field_meta
+    from llmctl.schema import check_value, field_meta
 
     for prefix, section in _sections(cls):
         hints = typing.get_type_hints(section)
@@ -139,9 +139,9 @@ def test_every_number_has_a_domain_and_the_defaults_lie_in_it(cls):
         for f in dataclasses.fields(section):
             base = [a for a in typing.get_args(hints[f.name]) if a is not type(None)] or [hints[f.name]]
             if base[0] in (int, float):
-                meta = _field_meta(section, f.name)
+                meta = field_meta(section, f.name)
                 assert meta.get("range"), f"{prefix}{f.name} declares no range"
-                _check_value(prefix + f.name, hints[f.name], getattr(instance, f.name), meta)
+                check_value(prefix + f.name, hints[f.name], getattr(instance, f.name), meta)
 
 
 @pytest.mark.parametrize("cls,recipe,override,needle", [

@@ -10,7 +10,8 @@ import numpy as np
 import pytest
 
 from llmctl import builtin, data
-from llmctl.data import TokenShards, encode_corpus, read_corpus
+from llmctl.data import read_corpus
+from llmctl.shards import NoSplit, TokenShards, encode_corpus
 from llmctl.errors import UserError
 
 DOCS = ["first document\nwith two lines", "second ü 🙂", "third <|eos|> literal", "fourth", "fifth doc"]
@@ -308,7 +309,7 @@ def test_token_shards_know_their_largest_id_and_fall_back_to_another_split(tok, 
     encode_corpus([str(tmp_path / "held_out.jsonl")], tok, tmp_path / "alone", val_fraction=0.0)
     alone = TokenShards(tmp_path / "alone", "val", fallback="train")
     assert alone.split == "train" and len(alone) == len(TokenShards(tmp_path / "alone"))
-    with pytest.raises(data.NoSplit, match="no val split"):
+    with pytest.raises(NoSplit, match="no val split"):
         TokenShards(tmp_path / "alone", "val")
 
 

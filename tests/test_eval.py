@@ -20,6 +20,7 @@ transformers = pytest.importorskip("transformers")
 
 from llmctl import evaluate  # noqa: E402
 from llmctl.errors import UserError  # noqa: E402
+from llmctl.examples import load  # noqa: E402
 from llmctl.hf import load_model, save_model  # noqa: E402
 from llmctl.model import ModelConfig, Transformer  # noqa: E402
 
@@ -55,9 +56,9 @@ def models(tmp_path_factory, tok_dir, tok):
 
 @pytest.fixture(scope="module")
 def docs():
-    from llmctl.builtin import builtin_documents
+    from llmctl.builtin import builtin_corpus
 
-    d = builtin_documents()
+    d = builtin_corpus()
     return [d[i] for i in (0, 3, 10, 25)] + ["x", "Short one.", "naïve café — “quotes” 🙂 日本語"]
 
 
@@ -363,7 +364,7 @@ def test_shipped_example_task_runs(models, tok, monkeypatch):
     monkeypatch.chdir(ROOT)  # its data_files path is relative to the repository root
     model = load_model(models["gpt2"])
     r = run_harness(model, tok, ["python_mc"], include=ROOT / "examples/eval/tasks")["results"]["python_mc"]
-    items = evaluate.read_jsonl(ROOT / "examples/eval/python_mc.jsonl", "mc")
+    items = load(ROOT / "examples/eval/python_mc.jsonl", "mc")
     ours = evaluate.multiple_choice(model, tok, items, show_progress=False)
     assert (r["acc"], r["acc_norm"]) == pytest.approx((ours["acc"], ours["acc_norm"]))
 

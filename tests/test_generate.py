@@ -205,3 +205,38 @@ def test_prompt_streams_to_a_terminal(model_dir):
               stderr=io.StringIO())  # fmt: skip
     want = gen("--model", model_dir, "--temperature", 0, "--max-new-tokens", 20, "The Python")[1]
     assert out.getvalue() == want and len(out.writes) > 3
+
+
+def test_chat_template_renders_in_generate_as_in_sft(tmp_path, tok_dir):
+    """One prompt encoder: a foreign template (no <|im_start|> token) that needs Jinja's loop controls and a
+    non-escaping tojson renders for `generate --chat` exactly as for sft (it used to fail in generate only)."""
+    from llmctl.tokenizer import load_tokenizer
+
+    d = tmp_path / "tok"
+    d.mkdir()
+    text = (Path(tok_dir) / "tokenizer.json").read_text().replace("<|im_start|>", "<|start|>")
+    (d / "tokenizer.json").write_text(text.replace("<|im_end|>", "<|end|>"))
+    cfg = json.loads((Path(tok_dir) / "tokenizer_config.json").read_text())
+    cfg["chat_template"] = ("{{ bos_token }}{% for m in messages %}{% if m['role'] == 'stop' %}{% break %}{% endif %}"
+                            "<|start|>{{ m['role'] }} {{ m['content'] | tojson }}<|end|>\n{% endfor %}"
+                            "{% if add_generation_prompt %}<|start|>assistant {% endif %}")
+    (d / "tokenizer_config.json").write_text(json.dumps(cfg))
+    tok = load_tokenizer(d)
+    assert tok.im_start_id is None
+    msgs = [{"role": "user", "content": "Say \"hi\" — ½"}, {"role": "stop", "content": ""},
+            {"role": "user", "content": "never rendered"}]
+    ids, mask = tok.encode_chat(msgs[:1] + [{"role": "assistant", "content": "hi"}])  # sft renders it
+    assert sum(mask) > 0
+    want = tok.encode_chat(msgs, add_generation_prompt=True)[0]
+    assert "never rendered" not in tok.decode(want) and '"Say \\"hi\\" — ½"' in tok.decode(want)
+    torch.manual_seed(0)
+    m = Transformer(ModelConfig(arch="llama", vocab_size=tok.vocab_size, n_layer=1, n_head=2, n_embd=32,
+                                block_size=96, bos_token_id=tok.bos_id, eos_token_id=tok.eos_id))  # fmt: skip
+    model = hf.save_model(m, tmp_path / "model", tokenizer_dir=d)
+    code, out, err = gen("--model", model, "--chat", "--json", "--temperature", 0, "--max-new-tokens", 3,
+                         input=json.dumps({"messages": msgs}) + "\n")  # fmt: skip
+    assert code == 0, err
+    assert json.loads(out)["prompt_tokens"] == len(want)
+    code, out, err = gen("--model", model, "--chat", "--json", "--temperature", 0, "--max-new-tokens", 3, msgs[0]["content"])
+    assert code == 0, err
+    assert json.loads(out)["prompt_tokens"] == len(tok.encode_chat(msgs[:1], add_generation_prompt=True)[0])

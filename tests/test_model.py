@@ -9,7 +9,9 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from llmctl.model import KVCache, ModelConfig, Transformer, llama_intermediate_size
+from llmctl.config import llama_intermediate_size
+from llmctl.model import KVCache, ModelConfig, Transformer
+from llmctl.optim import param_groups
 
 V = 96
 
@@ -320,10 +322,10 @@ def test_num_params_flops_and_param_groups():
     assert m.flops_per_token(48) == 6 * (L * (per_layer - 2 * C) + V_ * C) + 12 * L * 4 * 8 * 48
     g = tiny("gpt2")
     assert g.num_params() == sum(p.numel() for p in g.parameters())  # tied weight counted once
-    decay, no_decay = g.param_groups(0.1)
+    decay, no_decay = param_groups(g, 0.1)
     assert decay["weight_decay"] == 0.1 and no_decay["weight_decay"] == 0.0
     assert all(p.dim() == 2 for p in decay["params"])
     assert not any(p is g.transformer.wte.weight or p is g.transformer.wpe.weight for p in decay["params"])
     assert len(decay["params"]) + len(no_decay["params"]) == len(list(g.parameters()))
-    untied = tiny("llama").param_groups(0.1)[0]["params"]
-    assert any(p is m.lm_head.weight for p in m.param_groups(0.1)[0]["params"]) and len(untied) == 2 * 7 + 1
+    untied = param_groups(tiny("llama"), 0.1)[0]["params"]
+    assert any(p is m.lm_head.weight for p in param_groups(m, 0.1)[0]["params"]) and len(untied) == 2 * 7 + 1

@@ -1,4 +1,4 @@
-"""`llmctl rlhf` methods reward and dpo (llmctl/preference.py): the losses through the stage equal the papers'
+"""`llmctl rlhf` methods reward and dpo (llmctl/stages/reward.py, dpo.py): the losses through the stage equal the papers'
 formulas on log-probs / scores computed independently, one sequence at a time; LoRA DPO's reference is the base
 with adapters off and no second copy; resume = uninterrupted; a reward checkpoint loads in transformers with the
 same scores; bad data exits 2 naming FILE:LINE."""
@@ -14,7 +14,9 @@ import pytest
 import torch
 from conftest import save_tiny_llama
 
-from llmctl import hf, preference
+from llmctl import examples, hf
+from llmctl.stages import dpo as dpo_stage
+from llmctl.stages import reward
 from llmctl.config import RlhfRecipe, load_recipe
 from llmctl.dist import Dist
 from llmctl.tokenizer import load_tokenizer
@@ -81,15 +83,15 @@ def perturb(model, seed=1, scale=0.05):
 def test_pairs_encode_like_sft_with_the_response_supervised(setup, tok_dir):
     tok = load_tokenizer(tok_dir)
     for chat in (True, False):
-        (c_ids, c_mask), (r_ids, r_mask) = preference.encode_pair(tok, ROWS[0], chat)
+        (c_ids, c_mask), (r_ids, r_mask) = examples.encode_preference(tok, ROWS[0], chat)
         sup = lambda ids, mask: tok.decode([t for t, m in zip(ids, mask) if m])  # noqa: E731
         end = "<|im_end|>" if chat else "<|eos|>"
         assert sup(c_ids, c_mask) == "42" + end and sup(r_ids, r_mask) == "43" + end
         n = c_mask.index(1)  # the prompt is shared
         assert c_ids[:n] == r_ids[:n] and "What is 12 + 30?" in tok.decode(c_ids[:n])
     # chosen rows first, then rejected; targets only on response tokens
-    pairs = preference.load_pairs(setup[1].parent / "train.jsonl", tok, True, 64)
-    b = preference.collate_lm(pairs[:2])
+    pairs = examples.load_pairs(setup[1].parent / "train.jsonl", tok, True, 64)
+    b = examples.collate_pairs(pairs[:2])
     assert b["idx"].shape[0] == 4 and torch.equal(b["idx"][0, :5], torch.from_numpy(pairs[0].chosen.ids[:5]))
     assert int((b["targets"] != -100).sum()) == sum(int(p.chosen.mask[1:].sum() + p.rejected.mask[1:].sum())
                                                     for p in pairs[:2])
@@ -100,12 +102,12 @@ def test_pairs_encode_like_sft_with_the_response_supervised(setup, tok_dir):
 def test_dpo_loss_through_the_stage_equals_the_formula(setup, dpo):
     _, _, base = setup
     rc = recipe_of(setup, "method=dpo", *dpo)
-    built = preference.build(rc, Dist("fp32"))
+    built = dpo_stage.build(rc, Dist("fp32"))
     model, task = built.task.model, built.task
     perturb(model)  # the policy moves away from its reference (whose log-probs are already computed)
     ref = hf.load_model(base)
     batch = task.batches(1)[1]
-    ix = [task.batches.pair(i) for i in range(9, 12)]  # step 1, micro-step 1 of 3-pair micro-batches
+    ix = [task.batches.order[i] for i in range(9, 12)]  # step 1, micro-step 1 of 3-pair micro-batches
     assert task.count(batch) == 3 and torch.equal(batch["idx"][0, :4], torch.from_numpy(built.train[ix[0]].chosen.ids[:4]))
     with torch.no_grad():
         got = task.loss(model, batch).item()
@@ -128,10 +130,10 @@ def test_dpo_loss_through_the_stage_equals_the_formula(setup, dpo):
 
 def test_reward_loss_through_the_stage_equals_the_formula(setup):
     rc = recipe_of(setup, "method=reward", "data.chat=false")
-    built = preference.build(rc, Dist("fp32"))
+    built = reward.build(rc, Dist("fp32"))
     model, task = built.task.model, built.task
     batch = task.batches(0)[0]
-    ix = [task.batches.pair(i) for i in range(3)]
+    ix = [task.batches.order[i] for i in range(3)]
     with torch.no_grad():
         got = task.loss(model, batch).item()
 
@@ -153,7 +155,7 @@ def test_lora_dpo_reference_is_the_base_with_no_second_copy(setup, monkeypatch):
     loads = []
     real = hf.load_model
     monkeypatch.setattr(hf, "load_model", lambda *a, **k: loads.append(a) or real(*a, **k))
-    built = preference.build(recipe_of(setup, "method=dpo", "lora.enabled=true"), Dist("fp32"))
+    built = dpo_stage.build(recipe_of(setup, "method=dpo", "lora.enabled=true"), Dist("fp32"))
     assert len(loads) == 1 and built.policy._ref is None  # the base, once: no reference copy
     assert all("lora_" in n for n, p in built.task.model.named_parameters() if p.requires_grad)
     for i, p in enumerate(built.train):
@@ -174,9 +176,8 @@ def events(run):
 
 
 def train(setup, out, *overrides):
-    from llmctl.stages import rlhf
-
-    return rlhf.run(recipe_of(setup, f"out_dir={out}", *overrides))
+    recipe = recipe_of(setup, f"out_dir={out}", *overrides)
+    return {"reward": reward, "dpo": dpo_stage}[recipe.method].run(recipe)
 
 
 @pytest.mark.parametrize("method", [["method=reward"], ["method=dpo"], ["method=dpo", "lora.enabled=true"]],
@@ -208,8 +209,8 @@ def test_reward_checkpoint_loads_in_transformers_with_the_same_scores(setup):
     ck = run / "checkpoints/step-0000004"
     assert json.loads((ck / "config.json").read_text())["architectures"] == ["LlamaForSequenceClassification"]
     tok = load_tokenizer(ck)
-    pairs = preference.load_pairs(d / "train.jsonl", tok, True, 64)[:4]
-    b = preference.collate_reward(pairs, tok.pad_id)  # right-padded with the pad id
+    pairs = examples.load_pairs(d / "train.jsonl", tok, True, 64)[:4]
+    b = examples.pad_right([p.chosen.ids for p in pairs] + [p.rejected.ids for p in pairs], tok.pad_id)  # right-padded with the pad id
     with torch.no_grad():
         ours = load_reward_model(run)(b["idx"], b["attention_mask"])
         theirs = AutoModelForSequenceClassification.from_pretrained(str(ck)).eval()(

@@ -32,9 +32,9 @@ def llmctl(*args, env=None, check=True):
 def data(tmp_path_factory):
     d = tmp_path_factory.mktemp("data")
     corpus = d / "corpus.txt"
-    from llmctl.builtin import builtin_documents
+    from llmctl.builtin import builtin_corpus
 
-    docs = builtin_documents()
+    docs = builtin_corpus()
     corpus.write_text("\n\n".join(docs[:800]))
     llmctl("tokenize", "train", corpus, "--vocab-size", 512, "--out", d / "tok")
     llmctl("tokenize", "encode", corpus, "--tokenizer", d / "tok", "--out", d / "shards", "--val-fraction", 0.05)
@@ -139,7 +139,7 @@ def test_two_processes_equal_one(data, tmp_path, launcher):
 
 def test_transformers_loss_matches_val_loss(data, tmp_path):
     transformers = pytest.importorskip("transformers")
-    from llmctl.data import TokenShards
+    from llmctl.shards import TokenShards
     from llmctl.stages.pretrain import val_windows
 
     out = tmp_path / "run"
@@ -217,10 +217,10 @@ def test_data_errors_exit_2(data, tmp_path):
 def test_val_dir_encoded_on_its_own_validates_on_its_tokens(data, tmp_path):
     """data.val=DIR with no val split (`tokenize encode held_out.txt --val-fraction 0`, the usual way to hold out
     a separate file) validates on all of DIR, saying so once; the figures are DIR's, not data.train's."""
-    from llmctl.builtin import builtin_documents
+    from llmctl.builtin import builtin_corpus
 
     held = tmp_path / "held_out.txt"
-    held.write_text("\n\n".join(builtin_documents()[-5:]))  # in data.train too: what matters is what is scored
+    held.write_text("\n\n".join(builtin_corpus()[-5:]))  # in data.train too: what matters is what is scored
     llmctl("tokenize", "encode", held, "--tokenizer", data / "tok", "--out", tmp_path / "val", "--val-fraction", 0)
     r = pretrain(data, tmp_path / "run", f"data.val={tmp_path / 'val'}", "train.max_steps=2")
     notes = [line for line in r.stderr.splitlines() if line.startswith("data.val:")]

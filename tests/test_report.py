@@ -29,7 +29,7 @@ def llmctl(*args):
 def runs(tmp_path_factory, corpus_file, tok_dir):
     """A pretrain run (8 steps) and an `sft`-shaped run whose recipe starts from the pretrain's step-4 checkpoint
     (sft itself is another issue: its run directory is written here the way the loop writes one)."""
-    from llmctl.data import encode_corpus
+    from llmctl.shards import encode_corpus
     from llmctl.hf import load_model, save_model
     from llmctl.tokenizer import load_tokenizer
 

@@ -1,4 +1,4 @@
-"""GRPO and PPO (llmctl/rl.py): resume = uninterrupted (half and half, and a SIGTERM anywhere in a rollout buffer),
+"""GRPO and PPO (llmctl/stages/rl.py): resume = uninterrupted (half and half, and a SIGTERM anywhere in a rollout buffer),
 a positive kl_coef keeps the policy closer to the reference than kl_coef 0, Python reward functions, group
 advantages, the PPO value head in checkpoints, LoRA's reference, errors for bad reward specs."""
 
@@ -45,9 +45,9 @@ def setup(tmp_path_factory, tok_dir):
 
 
 def run(recipe, *overrides):
-    from llmctl.stages import rlhf
+    from llmctl.stages import rl
 
-    return rlhf.run(load_recipe(recipe, list(overrides), RlhfRecipe))
+    return rl.run(load_recipe(recipe, list(overrides), RlhfRecipe))
 
 
 def events(out):
@@ -114,14 +114,14 @@ def test_kl_coef_keeps_the_policy_near_the_reference(setup, method):
 
 
 def test_python_reward_function_and_group_advantages(setup, tmp_path, monkeypatch):
-    from llmctl import rl
+    from llmctl.stages import rl
     from llmctl.dist import Dist
 
     d, recipe = setup
     log = tmp_path / "calls.jsonl"
     monkeypatch.setenv("RL_TEST_LOG", str(log))
     cfg = load_recipe(recipe, [f"out_dir={tmp_path / 'run'}", f"rl.reward={d / 'reward_fn.py'}:constant"], RlhfRecipe)
-    task = rl.make_task(cfg, Dist("fp32", seed=cfg.seed), None)
+    task = rl.build(cfg, Dist("fp32", seed=cfg.seed), None)
     rt = task.batches.__self__
     micro = task.batches(0)
     calls = [json.loads(line) for line in log.read_text().splitlines()]
@@ -131,7 +131,7 @@ def test_python_reward_function_and_group_advantages(setup, tmp_path, monkeypatc
     assert all(float(b["adv"].abs().max()) == 0 for b in micro)  # equal rewards: no signal
     # exact match: advantages are constant along a completion and zero-mean within each group
     cfg = load_recipe(recipe, [f"out_dir={tmp_path / 'run2'}", "rl.temperature=3.0"], RlhfRecipe)
-    rt = rl.make_task(cfg, Dist("fp32", seed=cfg.seed), None).batches.__self__
+    rt = rl.build(cfg, Dist("fp32", seed=cfg.seed), None).batches.__self__
     b = rt.rollout(0)
     keep = b["keep"]
     seq_adv = torch.stack([b["adv"][i][keep[i]][0] for i in range(len(keep))])
@@ -148,7 +148,7 @@ def test_python_reward_function_and_group_advantages(setup, tmp_path, monkeypatc
 
 
 def test_reward_model_scores_prompt_and_response(setup, tmp_path, tok_dir):
-    from llmctl import rl
+    from llmctl.stages import rl
     from llmctl.dist import Dist
     from llmctl.reward import RewardModel, load_reward_model, save_reward_model
 
@@ -158,7 +158,7 @@ def test_reward_model_scores_prompt_and_response(setup, tmp_path, tok_dir):
     save_reward_model(rm, tmp_path / "rm", tokenizer_dir=tok_dir)
     cfg = load_recipe(recipe, [f"out_dir={tmp_path / 'run'}", "method=ppo", f"rl.reward={tmp_path / 'rm'}",
                                "rl.prompts_per_step=6"], RlhfRecipe)  # fmt: skip
-    rt = rl.make_task(cfg, Dist("fp32", seed=cfg.seed), None).batches.__self__
+    rt = rl.build(cfg, Dist("fp32", seed=cfg.seed), None).batches.__self__
     b = rt.rollout(0)
     rm = load_reward_model(tmp_path / "rm")
     for i in range(6):  # each sequence alone: prompt + sampled response
@@ -188,13 +188,13 @@ def test_lora_reference_is_the_base_with_adapters_off(setup):
     ("no/such/model", "expected exact-match, a reward model directory or path/to/file.py:function"),
 ])
 def test_bad_reward_specs(setup, tmp_path, spec, message):
-    from llmctl import rl
+    from llmctl.stages import rl
     from llmctl.dist import Dist
 
     d, recipe = setup
-    cfg = load_recipe(recipe, [f"out_dir={tmp_path}", f"rl.reward={spec.format(d=d)}"], RlhfRecipe)
-    with pytest.raises(UserError) as e:
-        rl.make_task(cfg, Dist("fp32"), None)
+    with pytest.raises(UserError) as e:  # the form of rl.reward (and a missing file) already in the recipe check
+        cfg = load_recipe(recipe, [f"out_dir={tmp_path}", f"rl.reward={spec.format(d=d)}"], RlhfRecipe)
+        rl.build(cfg, Dist("fp32"), None)
     assert message in str(e.value)
 
 

@@ -12,7 +12,8 @@ import numpy as np
 import pytest
 import torch
 
-from llmctl import hf, lora, sftdata
+from llmctl import examples, hf, lora
+from llmctl.losses import lm_loss
 from llmctl.config import LoraSection
 from llmctl.model import ModelConfig, Transformer
 from llmctl.tokenizer import load_tokenizer
@@ -58,7 +59,7 @@ def test_chat_mask_only_assistant_turns(tok):
     ids, mask = tok.encode_chat(CONVS[1])
     assert ids == tok.encode(tok.render_chat(CONVS[1]), allow_special=True)
     assert supervised_text(tok, ids, mask) == ["Blue.<|im_end|>", "Green, or red.<|im_end|>"]
-    ids, mask = sftdata.encode_row(tok, {"prompt": "Say hi:", "completion": " hi there"})
+    ids, mask = examples.encode_sft(tok, {"prompt": "Say hi:", "completion": " hi there"})
     assert tok.decode(ids) == "<|bos|>Say hi: hi there<|eos|>"
     assert supervised_text(tok, ids, mask) == [" hi there<|eos|>"]
 
@@ -99,22 +100,22 @@ def test_packing_gives_the_same_supervised_tokens_and_loss(tok):
     model = Transformer(ModelConfig(arch="llama", vocab_size=tok.vocab_size, n_layer=2, n_head=4, n_kv_head=2,
                                     n_embd=64, block_size=96)).eval()
     model.init_weights()
-    ex = [sftdata.Example(np.asarray(i, dtype=np.int64), np.asarray(m, dtype=bool))
-          for i, m in (sftdata.encode_row(tok, r) for r in ROWS * 3)]
-    packed_rows = sftdata.pack(ex, np.arange(len(ex)), 96)
+    ex = [examples.Example(np.asarray(i, dtype=np.int64), np.asarray(m, dtype=bool))
+          for i, m in (examples.encode_sft(tok, r) for r in ROWS * 3)]
+    packed_rows = examples.pack(ex, np.arange(len(ex)), 96)
     assert len(packed_rows) < len(ex)  # really packed: several examples a row
-    packed = sftdata.collate_packed(packed_rows, 96)
-    padded = sftdata.collate(ex)
+    packed = examples.collate_packed(packed_rows, 96)
+    padded = examples.collate(ex)
 
     def supervised(b):  # (example's own position, target) pairs, in order
         pos = b["position_ids"] if "position_ids" in b else torch.arange(b["idx"].size(1)).expand_as(b["idx"])
-        keep = b["targets"] != sftdata.IGNORE
+        keep = b["targets"] != examples.IGNORE
         return list(zip(pos[keep].tolist(), b["targets"][keep].tolist()))
 
     assert supervised(packed) == supervised(padded)
-    assert sftdata.count(packed) == sftdata.count(padded) > 0
+    assert examples.count(packed) == examples.count(padded) > 0
     with torch.no_grad():
-        a, b = sftdata.loss(model, packed), sftdata.loss(model, padded)
+        a, b = lm_loss(model, packed), lm_loss(model, padded)
     assert abs(a.item() - b.item()) / b.item() <= 1e-6
     # and no token of a packed row sees another example: its logits equal the example alone
     with torch.no_grad():
@@ -128,13 +129,13 @@ def test_packing_gives_the_same_supervised_tokens_and_loss(tok):
 
 
 def test_sft_batches_are_a_function_of_the_step(tok):
-    ex = [sftdata.Example(np.asarray(i, dtype=np.int64), np.asarray(m, dtype=bool))
-          for i, m in (sftdata.encode_row(tok, r) for r in ROWS * 4)]
-    one = sftdata.SftBatches(ex, 64, micro=2, accum=2, rank=0, world=1, seed=3)
-    two = [sftdata.SftBatches(ex, 64, micro=2, accum=1, rank=r, world=2, seed=3) for r in range(2)]
+    ex = [examples.Example(np.asarray(i, dtype=np.int64), np.asarray(m, dtype=bool))
+          for i, m in (examples.encode_sft(tok, r) for r in ROWS * 4)]
+    one = examples.sft_batches(ex, 64, micro=2, accum=2, rank=0, world=1, seed=3)
+    two = [examples.sft_batches(ex, 64, micro=2, accum=1, rank=r, world=2, seed=3) for r in range(2)]
     for step in (5, 0, 9):  # any order: no hidden iterator state
         a = one(step)
-        again = sftdata.SftBatches(ex, 64, micro=2, accum=2, rank=0, world=1, seed=3)(step)
+        again = examples.sft_batches(ex, 64, micro=2, accum=2, rank=0, world=1, seed=3)(step)
         assert all(torch.equal(x["idx"], y["idx"]) for x, y in zip(a, again))
         # 2 processes x 1 micro-step cover the same rows as 1 process x 2 micro-steps
         assert torch.equal(torch.cat([two[0](step)[0]["idx"], two[1](step)[0]["idx"]]),
@@ -172,12 +173,12 @@ def test_lora_trains_only_adapters(tmp_path, tok_dir, tok):
     pm = lora.apply(base, LoraSection(r=4, dropout=0.0))
     trainable = [p for p in pm.parameters() if p.requires_grad]
     opt = torch.optim.AdamW(trainable, lr=1e-2)
-    ex = [sftdata.Example(np.asarray(i, dtype=np.int64), np.asarray(m, dtype=bool))
-          for i, m in (sftdata.encode_row(tok, r) for r in ROWS)]
-    batch = sftdata.collate(ex)
+    ex = [examples.Example(np.asarray(i, dtype=np.int64), np.asarray(m, dtype=bool))
+          for i, m in (examples.encode_sft(tok, r) for r in ROWS)]
+    batch = examples.collate(ex)
     model = pm.get_base_model().train()
     for _ in range(3):
-        sftdata.loss(model, batch).backward()
+        lm_loss(model, batch).backward()
         opt.step()
         opt.zero_grad()
     after = {k.replace(".base_layer", ""): v for k, v in model.state_dict().items() if "lora_" not in k}

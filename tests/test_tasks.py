@@ -1,5 +1,5 @@
 """Built-in verifiable tasks (llmctl.tasks): determinism, disjoint splits, right answers, wrong rejected answers,
-file formats and the `python -m llmctl.tasks` command line."""
+file formats and the `llmctl tasks` command line."""
 
 from __future__ import annotations
 
@@ -14,7 +14,8 @@ import pytest
 
 from llmctl import tasks
 from llmctl.errors import UserError
-from llmctl.evaluate import normalize_answer, read_jsonl
+from llmctl.evaluate import matches, normalize_answer
+from llmctl.examples import load
 
 FILES = [f"{k}_{s}.jsonl" for k in ("sft", "rl", "pref") for s in ("train", "test")]
 REPO = Path(__file__).resolve().parents[1]
@@ -115,25 +116,25 @@ def test_formats(tmp_path):
         (u, a) = row["messages"]
         assert u["role"] == "user" and a["role"] == "assistant" and u["content"] and a["content"]
     for split in ("train", "test"):
-        rl = read_jsonl(paths[f"rl_{split}"], "exact-match")
-        pref = read_jsonl(paths[f"pref_{split}"], "preference")
+        rl = load(paths[f"rl_{split}"], "exact-match")
+        pref = load(paths[f"pref_{split}"], "preference")
         assert all(list(r) == ["prompt", "answer"] for r in rl)
         assert [r["prompt"] for r in rl] == [r["messages"][0]["content"] for r in sft[split]]
         assert [r["answer"] for r in rl] == [r["messages"][1]["content"] for r in sft[split]]
         assert [(r["prompt"], r["chosen"]) for r in pref] == [(r["prompt"], r["answer"]) for r in rl]
         assert all(normalize_answer(r["chosen"]) != normalize_answer(r["rejected"]) for r in pref)
-    q_train = {r["prompt"] for r in read_jsonl(paths["rl_train"], "exact-match")}
-    assert not q_train & {r["prompt"] for r in read_jsonl(paths["rl_test"], "exact-match")}
+    q_train = {r["prompt"] for r in load(paths["rl_train"], "exact-match")}
+    assert not q_train & {r["prompt"] for r in load(paths["rl_test"], "exact-match")}
 
 
-def test_reward():
-    assert tasks.reward("82", "82") == 1.0
-    assert tasks.reward(" 82.\n", "82") == 1.0
-    assert tasks.reward("Odd", "odd") == 1.0
-    assert tasks.reward("1 2 3", "1 2 3") == 1.0
-    assert tasks.reward("83", "82") == 0.0
-    assert tasks.reward("", "82") == 0.0
-    assert tasks.reward("b", ["a", "b"]) == 1.0
+def test_reward_is_the_exact_match_rule():
+    assert matches("82", "82") == 1.0
+    assert matches(" 82.\n", "82") == 1.0
+    assert matches("Odd", "odd") == 1.0
+    assert matches("1 2 3", "1 2 3") == 1.0
+    assert matches("83", "82") == 0.0
+    assert matches("", "82") == 0.0
+    assert matches("b", ["a", "b"]) == 1.0
 
 
 def test_bad_arguments():
@@ -144,22 +145,27 @@ def test_bad_arguments():
 
 
 def test_cli(tmp_path):
-    cmd = [sys.executable, "-m", "llmctl.tasks", "--out", str(tmp_path / "t"), "--n-train", "40", "--n-test", "8",
+    cmd = [sys.executable, "-m", "llmctl", "tasks", "--out", str(tmp_path / "t"), "--n-train", "40", "--n-test", "8",
            "--seed", "1", "--families", "add,reverse"]  # fmt: skip
     r = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, check=False)
     assert r.returncode == 0, r.stderr
     assert sorted(Path(p).name for p in r.stdout.split()) == sorted(FILES)
-    assert len(read_jsonl(tmp_path / "t" / "rl_train.jsonl", "exact-match")) == 40
-    assert len(read_jsonl(tmp_path / "t" / "pref_test.jsonl", "preference")) == 8
+    assert len(load(tmp_path / "t" / "rl_train.jsonl", "exact-match")) == 40
+    assert len(load(tmp_path / "t" / "pref_test.jsonl", "preference")) == 8
     assert (tmp_path / "t" / "sft_test.jsonl").read_bytes() == \
         tasks.write_tasks(tmp_path / "u", 40, 8, seed=1, families=["add", "reverse"])["sft_test"].read_bytes()
 
 
-def test_main_errors(tmp_path, capsys):
-    assert tasks.main(["--out", str(tmp_path / "v"), "--families", "nope"]) == 2
-    assert capsys.readouterr().err.startswith("error: unknown task family nope")
+def test_cli_errors(tmp_path):
+    def llmctl_tasks(*args):
+        return subprocess.run([sys.executable, "-m", "llmctl", "tasks", *args], cwd=REPO, capture_output=True,
+                              text=True, check=False)  # fmt: skip
+
+    r = llmctl_tasks("--out", str(tmp_path / "v"), "--families", "nope")
+    assert r.returncode == 2
+    assert r.stderr.startswith("error: unknown task family nope")
     assert not (tmp_path / "v").exists()
-    assert tasks.main(["--out", str(tmp_path / "w"), "--n-train", "-1"]) == 2
+    assert llmctl_tasks("--out", str(tmp_path / "w"), "--n-train", "-1").returncode == 2
 
 
 def test_alt_phrasing_is_the_same_items_worded_otherwise(all_items):
@@ -190,8 +196,8 @@ def test_alt_phrasing_cli(tmp_path):
                         "--n-test", "7", "--phrasing", "alt"], cwd=REPO, capture_output=True, text=True)  # fmt: skip
     assert r.returncode == 0, r.stderr
     std = tasks.write_tasks(tmp_path / "s", 14, 7)
-    alt = read_jsonl(tmp_path / "a" / "rl_test.jsonl", "exact-match")
-    ref = read_jsonl(std["rl_test"], "exact-match")
+    alt = load(tmp_path / "a" / "rl_test.jsonl", "exact-match")
+    ref = load(std["rl_test"], "exact-match")
     assert [r["answer"] for r in alt] == [r["answer"] for r in ref]
     assert all(a["prompt"] != b["prompt"] for a, b in zip(alt, ref))
     r = subprocess.run([sys.executable, "-m", "llmctl", "tasks", "--out", str(tmp_path / "b"), "--phrasing", "odd"],

@@ -13,9 +13,9 @@ if not sys.stderr.isatty():  # before anything imports tqdm: lm-eval's progress 
 import torch  # noqa: E402,F401  (loaded before lm-eval)
 
 from llmctl import evaluate, hf  # noqa: E402
+from llmctl.examples import load  # noqa: E402
 from llmctl.checkpoint import resolve_model_dir  # noqa: E402
 from llmctl.errors import UserError  # noqa: E402
-from llmctl.tokenizer import load_tokenizer  # noqa: E402
 
 TASKS = ("ppl", "bpb", "mc", "exact-match", "preference")
 HEADLINE = {"ppl": "ppl", "bpb": "bpb", "mc": "acc", "exact-match": "exact_match", "preference": "acc"}
@@ -41,7 +41,7 @@ def _load_data(task, data, limit):
 
         ds = read_corpus(list(data))
         return list(ds.select(range(min(limit, len(ds))))["text"] if limit is not None else ds["text"])
-    return evaluate.read_jsonl(data[0], task, limit)
+    return load(data[0], task, limit)
 
 
 def _evaluate(model, tok, task, records, opts, ref=None) -> dict:
@@ -99,15 +99,12 @@ def run(model, task=None, data=(), harness=(), harness_include=None, num_fewshot
             "chat": chat}
     results, items = [], []
     for target in targets if (task or harness) else []:
-        m, tok = hf.load_model(target, device=device, dtype=dtype), load_tokenizer(target)
+        m, tok = hf.load(target, device=device, dtype=dtype)
         where = str(resolve_model_dir(target))  # the checkpoint a run directory means, for the report
         if adapter is not None:
             from llmctl import lora
 
             m, where = lora.merged(m, adapter), str(lora.resolve_adapter(adapter))
-        if tok.vocab_size > m.config.vocab_size:
-            raise UserError(f"tokenizer / model vocab mismatch in {target}: {tok.vocab_size} tokens vs "
-                            f"{m.config.vocab_size} embeddings")  # fmt: skip
         if harness:
             from llmctl.harness import run_harness
 

@@ -90,25 +90,19 @@ def load_engine(model_path, device: str | None = None, compile: bool = False, ad
     fp32 on CPU, bf16 on a GPU that has it."""
     import torch
 
+    from llmctl import hf
     from llmctl.checkpoint import resolve_model_dir
+    from llmctl.dist import resolve_device
     from llmctl.engine import Engine
-    from llmctl.hf import load_model
-    from llmctl.tokenizer import load_tokenizer
 
     d = resolve_model_dir(model_path)
-    from llmctl.dist import resolve_device
-
     dev = resolve_device(device)
     dtype = torch.bfloat16 if dev.type == "cuda" and torch.cuda.is_bf16_supported() else torch.float32
-    tok = load_tokenizer(d)
-    model = load_model(d, device=dev, dtype=dtype)
+    model, tok = hf.load(d, device=dev, dtype=dtype)
     if adapter is not None:
         from llmctl import lora
 
         model = lora.merged(model, adapter)
-    if tok.vocab_size > model.config.vocab_size:
-        raise UserError(f"tokenizer/model vocab mismatch in {d}: the tokenizer has {tok.vocab_size} tokens, "
-                        f"the model {model.config.vocab_size}")  # fmt: skip
     eos = {tok.eos_id, model.config.eos_token_id}
     gc = d / "generation_config.json"
     if gc.is_file():
@@ -121,41 +115,14 @@ def load_engine(model_path, device: str | None = None, compile: bool = False, ad
     return Engine(model, tok, eos_ids=eos_ids, share_weights=True, compile=compile, prompt_lookup=prompt_lookup)
 
 
-def encode(engine, text: str | None, chat: bool, messages=None) -> list[int]:
-    """Prompt ids: BOS + text, or the chat template with the generation prompt."""
+def fit(engine, text: str | None, chat: bool, params, where: str, stderr: TextIO, messages=None) -> list[int]:
+    """The prompt's ids (chat.encode_prompt), cut to the context with a warning."""
+    from llmctl.chat import encode_prompt, fit_prompt
+
     tok = engine.tokenizer
-    if messages is not None or chat:
-        msgs = messages if messages is not None else [{"role": "user", "content": text}]
-        if tok.im_start_id is not None and tok.im_end_id is not None:
-            return tok.encode_chat(msgs, add_generation_prompt=True)[0]
-        template = tok.config.get("chat_template")
-        if not isinstance(template, str):
-            raise UserError(f"--chat: the tokenizer {tok.path} has no chat template")
-        from jinja2.sandbox import ImmutableSandboxedEnvironment
-
-        def raise_exception(msg):
-            raise UserError(f"--chat: the chat template says: {msg}")
-
-        env = ImmutableSandboxedEnvironment(trim_blocks=True, lstrip_blocks=True)  # as transformers renders it
-        env.globals["raise_exception"] = raise_exception
-        name = lambda i: tok.id_to_token(i) if i is not None else ""  # noqa: E731
-        rendered = env.from_string(template).render(
-            messages=msgs, add_generation_prompt=True, bos_token=name(tok.bos_id), eos_token=name(tok.eos_id))
-        return tok.encode(rendered, allow_special=True)
-    ids = tok.encode(text)
-    bos = tok.bos_id
-    if bos is not None and (not ids or bos != tok.eos_id):
-        ids = [bos] + ids
-    if not ids:
-        if tok.eos_id is None:
-            raise UserError("an empty prompt needs a BOS or EOS token, and this tokenizer has neither")
-        ids = [tok.eos_id]
-    return ids
-
-
-def fit(engine, ids: list[int], params, where: str, stderr: TextIO) -> list[int]:
+    ids = encode_prompt(tok, text, messages=messages, chat=chat)
     try:
-        out, cut = engine.fit_prompt(ids, params.max_new_tokens, keep_first=int(ids[0] == engine.tokenizer.bos_id))
+        out, cut = fit_prompt(tok, ids, engine.block_size, params.max_new_tokens)
     except ValueError:
         raise UserError(f"{where}: max_new_tokens ({params.max_new_tokens}) must be below the model's context "
                         f"of {engine.block_size} tokens") from None  # fmt: skip
@@ -200,7 +167,7 @@ def parse_json_item(engine, line: str, where: str, base: dict, chat: bool, warne
     elif not isinstance(obj.get("prompt"), str):
         raise UserError(f"{where}: expected a string field 'prompt' (or chat 'messages')")
     params = make_params(fields, where)
-    ids = fit(engine, encode(engine, obj.get("prompt"), chat, messages), params, where, stderr)
+    ids = fit(engine, obj.get("prompt"), chat, params, where, stderr, messages)
     return Item(where, ids, params, obj.get("id"), "id" in obj)
 
 
@@ -238,7 +205,7 @@ def run(model, prompt: str | None, flags: dict, *, json_mode: bool, chat: bool, 
 
     if prompt is not None:
         params = make_params(item_fields(0))
-        ids = fit(engine, encode(engine, prompt, chat), params, "PROMPT", stderr)
+        ids = fit(engine, prompt, chat, params, "PROMPT", stderr)
         if json_mode:
             r = engine.generate([ids], params)[0]
             stdout.write(_json_line(Item("PROMPT", ids, params), r))
@@ -268,7 +235,7 @@ def run(model, prompt: str | None, flags: dict, *, json_mode: bool, chat: bool, 
         else:
             text = text[:-1] if text.endswith("\r") else text
             params = make_params(item_fields(n))
-            item = Item(where, fit(engine, encode(engine, text, chat), params, where, stderr), params)
+            item = Item(where, fit(engine, text, chat, params, where, stderr), params)
         n += 1
         batch.append(item)
         if len(batch) >= batch_size:

@@ -1,4 +1,8 @@
-"""`llmctl pretrain`: a decoder-only transformer from scratch on token shards."""
+"""`llmctl pretrain`: a decoder-only transformer from scratch on token shards.
+
+setup -> data (token shards: random windows of block_size + 1 tokens a step, fixed val windows) -> the model
+(config from the recipe's model section and the tokenizer) -> the loss (summed next-token cross-entropy) ->
+loop.train (evaluation: val_loss / val_bpb; checkpoints: model directories transformers loads)."""
 
 from __future__ import annotations
 
@@ -9,51 +13,34 @@ import numpy as np
 import torch
 
 from llmctl import hf, loop
-from llmctl.checkpoint import find_resume
-from llmctl.data import NoSplit, TokenShards
-from llmctl.dist import Dist
+from llmctl.config import model_config
+from llmctl.shards import NoSplit, TokenShards
+from llmctl.dist import Dist, setup
 from llmctl.errors import UserError
-from llmctl.evaluate import loss_and_bpb, nats_bytes_sums, token_logprobs
-from llmctl.model import ModelConfig, Transformer
+from llmctl.evaluate import val_loss_bpb
+from llmctl.examples import StepBatches
+from llmctl.losses import lm_loss
+from llmctl.model import Transformer, unwrap
 from llmctl.tokenizer import load_tokenizer
 
 
-def model_config(recipe, tok) -> ModelConfig:
-    m = recipe.model
-    try:
-        return ModelConfig(
-            arch=m.arch, vocab_size=tok.vocab_size, n_layer=m.n_layer, n_head=m.n_head, n_kv_head=m.n_kv_head,
-            n_embd=m.n_embd, block_size=m.block_size, intermediate_size=m.intermediate_size,
-            rope_theta=m.rope_theta, qkv_bias=m.qkv_bias, tie_embeddings=m.tie_embeddings or m.arch == "gpt2",
-            dropout=m.dropout, bos_token_id=tok.bos_id, eos_token_id=tok.eos_id, pad_token_id=tok.pad_id)
-    except ValueError as e:
-        raise UserError(f"model: {e}") from None
+def window_batches(shards: TokenShards, block_size: int, micro: int, accum: int, rank: int, world: int,
+                   seed: int) -> StepBatches:
+    """Random windows of block_size + 1 tokens: the global batch of step s is G = micro x accum x world windows
+    at offsets drawn by numpy.random.default_rng([seed, s]) (examples.StepBatches slices it over processes and
+    micro-steps)."""
+    high = len(shards) - (block_size + 1) + 1
+    if high <= 0:
+        raise UserError(f"training data holds {len(shards)} tokens, fewer than block_size+1 = {block_size + 1}")
+    G = micro * accum * world
 
+    def make(rows: range) -> dict:
+        step, k = divmod(rows.start, G)
+        offsets = np.random.default_rng([seed, step]).integers(0, high, size=G)
+        w = shards.get(offsets[k : k + len(rows)], block_size + 1)
+        return {"idx": w[:, :-1].contiguous(), "targets": w[:, 1:].contiguous()}
 
-class WindowBatches:
-    """Random windows of block_size+1 tokens; step s's global batch is a pure function of (seed, s).
-
-    The global batch of an optimizer step is micro_batch_size * grad_accum * world windows; process r takes
-    rows [(m * world + r) * micro, ...) for micro-step m, so every process count sees the same global batch.
-    """
-
-    def __init__(self, shards: TokenShards, block_size: int, micro: int, accum: int, rank: int, world: int,
-                 seed: int):
-        self.shards, self.T, self.micro, self.accum = shards, block_size, micro, accum
-        self.rank, self.world, self.seed = rank, world, seed
-        self.high = len(shards) - (block_size + 1) + 1
-        if self.high <= 0:
-            raise UserError(f"training data holds {len(shards)} tokens, fewer than block_size+1 = {block_size + 1}")
-
-    def __call__(self, step: int) -> list[dict]:
-        n = self.micro * self.accum * self.world
-        offsets = np.random.default_rng([self.seed, step]).integers(0, self.high, size=n)
-        out = []
-        for m in range(self.accum):
-            lo = (m * self.world + self.rank) * self.micro
-            w = self.shards.get(offsets[lo:lo + self.micro], self.T + 1)
-            out.append({"idx": w[:, :-1].contiguous(), "targets": w[:, 1:].contiguous()})
-        return out
+    return StepBatches(make, micro, accum, rank, world)
 
 
 def val_windows(shards: TokenShards, block_size: int, n: int) -> np.ndarray:
@@ -71,15 +58,9 @@ def make_evaluate(shards: TokenShards, token_bytes: np.ndarray, block_size: int,
     tb = torch.as_tensor(token_bytes, dtype=torch.long)
 
     def evaluate(model) -> dict:
-        model = dist.unwrap(model)  # no gradient sync in evaluation; token_logprobs needs the lm_head
-        sums = torch.zeros(4, dtype=torch.float64)
-        for i in range(0, len(offsets), micro):
-            w = shards.get(offsets[i:i + micro], block_size + 1)
-            h = model(w[:, :-1].to(dist.device), return_hidden=True).flatten(0, 1)  # [B*T, C]
-            y = w[:, 1:].flatten()
-            sums += nats_bytes_sums(-token_logprobs(model, h, y.to(h.device))[0], tb[y])
-        val_loss, val_bpb = loss_and_bpb(dist.all_sum(sums).cpu())
-        return {"val_loss": val_loss, "val_bpb": val_bpb}
+        windows = (shards.get(offsets[i : i + micro], block_size + 1) for i in range(0, len(offsets), micro))
+        batches = ({"idx": w[:, :-1], "targets": w[:, 1:]} for w in windows)
+        return val_loss_bpb(unwrap(model), batches, tb, dist)  # the bare model: no gradient sync, its lm_head
 
     return evaluate
 
@@ -102,11 +83,11 @@ def val_shards(recipe, dist: Dist) -> TokenShards:
 
 
 def run(recipe) -> dict:
-    dist = Dist(recipe.train.precision, seed=recipe.seed)
+    dist, resume = setup(recipe)
     tok = load_tokenizer(recipe.tokenizer)
-    train_data = TokenShards(recipe.data.train, "train")
-    val_data = val_shards(recipe, dist)
-    cfg = model_config(recipe, tok)
+    train_data, val_data = TokenShards(recipe.data.train, "train"), val_shards(recipe, dist)  # data
+    cfg = model_config(recipe.model, vocab_size=tok.vocab_size, bos_token_id=tok.bos_id, eos_token_id=tok.eos_id,
+                       pad_token_id=tok.pad_id)
     for name, ds in (("data.train", train_data), ("data.val", val_data)):
         if ds.meta.get("tokenizer_hash") != tok.hash():
             raise UserError(f"{name} was encoded with another tokenizer than {recipe.tokenizer} "
@@ -116,13 +97,10 @@ def run(recipe) -> dict:
             raise UserError(f"{name}: {ds.path} holds token ids up to {ds.max_id} for a vocabulary of "
                             f"{ds.vocab_size} ({len(ds.token_bytes)} token_bytes), but the tokenizer and the model "
                             f"have {tok.vocab_size}; re-run `llmctl tokenize encode` with this tokenizer")
-    resume = find_resume(recipe.out_dir)
-    if resume is not None:
+    if resume is not None:  # the model: every weight trains
         model = hf.load_model(resume)
         if model.config != cfg:
             raise UserError(f"incompatible checkpoint: {resume} holds a different model than the recipe")
-        if dist.is_main:
-            print(f"resuming from {resume}", file=sys.stderr)
     else:
         torch.manual_seed(recipe.seed)
         model = Transformer(cfg)
@@ -130,9 +108,9 @@ def run(recipe) -> dict:
     tc = recipe.train
     task = loop.Task(
         model=model,
-        batches=WindowBatches(train_data, cfg.block_size, tc.micro_batch_size, tc.grad_accum, dist.rank,
-                              dist.world, recipe.seed),
-        loss=lambda m, b: m(b["idx"], b["targets"]),
+        batches=window_batches(train_data, cfg.block_size, tc.micro_batch_size, tc.grad_accum, dist.rank,
+                               dist.world, recipe.seed),
+        loss=lm_loss,  # summed next-token cross-entropy
         count=lambda b: b["targets"].numel(),
         save_model=lambda m, d: hf.save_model(m, d, tokenizer_dir=tok.path),
         evaluate=make_evaluate(val_data, train_data.token_bytes, cfg.block_size, tc.micro_batch_size,

@@ -56,8 +56,8 @@ def train(corpus: list[str], vocab_size: int, out: Path, num_proc: int | None = 
 
 def encode(corpus: list[str], tokenizer: Path, out: Path, val_fraction: float = 0.01,
            num_proc: int | None = None) -> None:
-    """Encode `corpus` into token shards in `out` (see llmctl.data)."""
-    from llmctl.data import encode_corpus
+    """Encode `corpus` into token shards in `out` (see llmctl.shards)."""
+    from llmctl.shards import encode_corpus
     from llmctl.tokenizer import load_tokenizer
 
     tok = load_tokenizer(tokenizer)
