@@ -1,4 +1,4 @@
-"""The native library's cache (llmctl/native.py) is verified before anything in it is loaded: a truncated library, one
+"""The native library's cache (llmctl/native/) is verified before anything in it is loaded: a truncated library, one
 lacking a symbol, one owned by another user or writable by others, one whose bytes don't hash to the record, one
 without a record, a symlink -- each is rebuilt (one `warning:` line) and never loaded, or, where the rebuild fails,
 PyTorch's path runs; never a crash (a truncated library used to kill every generate with SIGBUS, rc 135). Each case
@@ -45,6 +45,7 @@ FAKE = r"""
 #include <stdio.h>
 __attribute__((constructor)) static void loaded(void) { fputs("FAKE LIBRARY LOADED\n", stderr); }
 int llmctl_decode(void) { return 0; }
+long llmctl_struct_sizes(void) { return 0; }
 long llmctl_work_floats(void) { return 0; }
 int llmctl_step(void) { return 0; }
 long llmctl_step_floats(void) { return 0; }
