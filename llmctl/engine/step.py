@@ -20,6 +20,8 @@ import ctypes
 import torch
 import torch.nn.functional as F
 
+from llmctl.model import Transformer
+
 _OPTIMIZER_STEPS = 0  # optimizer steps taken in this process (any optimizer), counted by a global post-step hook
 _HOOKED = False
 
@@ -54,8 +56,9 @@ class FastDecode:
 
     @staticmethod
     def supported(model) -> bool:
+        """An llmctl Transformer whose Linear layers are plain ones."""
         lin = [m for m in model.modules() if isinstance(m, torch.nn.Linear)]
-        return all(type(m) is torch.nn.Linear for m in lin)
+        return isinstance(model, Transformer) and all(type(m) is torch.nn.Linear for m in lin)
 
     def _version(self) -> tuple[int, int]:
         """Changes whenever a parameter may have: in-place ops and copies bump its version counter, and any
