@@ -84,8 +84,8 @@ class FastDecode:
                 self.layers.append((blk.ln_1, *self._fuse(blk.attn.c_attn), *self._fuse(blk.attn.c_proj), blk.ln_2,
                                     *self._fuse(blk.mlp.c_fc), *self._fuse(blk.mlp.c_proj)))  # fmt: skip
         self.lm_rows = None  # sharing a tied embedding: logits = (E @ h.T).T with E [V, C] as it is
-        if cfg.tie_embeddings and self.share:  # (x @ E.T is ~1.7x slower than either for a few rows, e.g. M=9;
-            # as fast from ~16 rows on, and then the transposed [V, M] result's copy costs more than it saves)
+        if cfg.tie_embeddings and self.share:  # (x @ E.T is slower than either for a few rows; as fast from ~16
+            # rows on, and then the transposed [V, M] result's copy costs more than it saves)
             self.lm_rows = m.lm_head.weight.detach()
             self.lm_head = self.lm_rows.t()
         elif cfg.tie_embeddings:  # the embedding keeps its layout: a transposed copy
