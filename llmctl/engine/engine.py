@@ -5,17 +5,13 @@
     for delta in (s := engine.stream(ids, params)): print(delta, end="")     # s.result once exhausted
 
 Prompts are lists of token ids (the caller adds BOS / applies a chat template). The rows of a batch decode in one
-loop (`Engine._decode`) over one per-row state (`Batch`):
-
-    prefill: one forward over the prompts -> the logits of each row's last prompt token
-    repeat:  pick each live row's tokens from the logits (sampling.py) -> the host takes them: an EOS or stop
-             token, a stop string or max_new_tokens ends a row -> drop the finished rows once they are half of the
-             batch -> the draft policy proposes up to k tokens per row (lookup.py; none: plain decoding) -> one
-             forward pass (step.py) over every live row's [last token, draft...]
-
-Each position's pick is plain decoding's (the same logits, sampler and per-row uniform), and a row keeps the draft
-tokens its picks confirm plus one more pick: drafts change the number of forward passes, not the tokens. The rows
-sit in the KV cache one of three ways:
+loop (`Engine._decode`) over one per-row state (`Batch`): prefill (one forward over the prompts), then repeat:
+pick each live row's tokens from the logits (sampling.py) -> the host takes them (an EOS or stop token, a stop
+string or max_new_tokens ends a row) -> drop the finished rows once they are half of the batch -> the draft policy
+proposes up to k tokens per row (lookup.py; none: plain decoding) -> one forward (step.py) over every live row's
+[last token, draft...]. Each position's pick is plain decoding's (the same logits, sampler and per-row uniform),
+and a row keeps the draft tokens its picks confirm plus one more pick: drafts change the number of forward passes,
+not the tokens. The rows sit in the KV cache one of three ways:
 - lockstep, no drafts: left-padded prompts prefilled together (padding mask + position ids), every row writing the
   same slot each step. The host reads the picks every step on CPU (free there), every `sync_every` steps on a GPU
   unless a row needs them at once (stop strings, streaming). `compile=True` runs a static-shape step through
@@ -112,6 +108,8 @@ class Batch:
         self.tokens: list[list[int]] = [[] for _ in rows]
         self.reason: list[str | None] = ["length" if n == 0 else None for n in self.limit]
         self.ragged = False  # rows advancing on their own (set by the engine before the prefill)
+        self.t, self.last, self.pending = 0, None, []  # lockstep: decode step; the last picks [B]; picks not read
+        self.pos = None  # one row: where its last pass began writing the cache
 
     def keep(self, keep: list[int]) -> None:
         """Keep only the batch positions `keep` (ascending)."""
@@ -121,6 +119,8 @@ class Batch:
             for i, buf in enumerate(lst):
                 lst[i] = buf.index_select(0, ix)
         self.mask, self.lens = self.mask.index_select(0, ix), self.lens.index_select(0, ix)
+        if self.last is not None:
+            self.last = self.last.index_select(0, ix)
         self.sampler.keep(ix)
         for name in ("rows", "params", "prompts", "limit", "eos", "stops", "stop_tail", "tokens", "reason"):
             lst = getattr(self, name)
@@ -227,50 +227,32 @@ class Engine:
         drafter = self._drafter(b)
         b.ragged = drafter is not None and len(b.rows) > 1
         logits = self._prefill(b)  # [B, V]
-        drafts = [[] for _ in b.rows]  # what each row drafted for the pass just run (None: the row had no run)
-        # without drafts the picks may stay on the device for a while (a GPU): tok [B] the last ones, pending all
-        tok, pending, t = None, [], 0
-        lazy = drafter is None and not stream and not any(b.stops)
-        pos, streamed = None, ""  # pos: where the last one-row pass began writing the cache
+        drafts = None if drafter is None else [[] for _ in b.rows]  # each row's draft in the pass just run
+        lazy = drafter is None and not stream and not any(b.stops)  # the host may read the picks late
+        streamed = ""
         while True:
-            if drafter is None:  # every row's next token, at decode step t
-                tok = b.sampler.select(logits, t)
-                b.sampler.observe(tok)
-                pending.append(tok)
-                t += 1
-                if lazy and len(pending) < self.sync_every and t < b.N:
-                    logits = self._forward(b, tok, t - 1)
-                    continue
-                new = torch.stack(pending, 1).tolist() if len(pending) > 1 else [[v] for v in tok.tolist()]
-                pending = []
-            else:  # every row's confirmed draft tokens plus one
-                new = self._pick(b, logits, drafts)
-                for i, d, out in zip(b.rows, drafts, new):
-                    drafter.update(i, d or [], out)
-                if pos is not None:  # the cache keeps the last token and the accepted draft; the slots after: stale
-                    b.cache.pos = pos + len(new[0])
-            for r, toks in enumerate(new):  # the host takes them: each row stops on its own
-                if b.reason[r] is None and toks and self._take(b, r, toks):
-                    results[b.rows[r]] = self._result(b.prompts[r], b.tokens[r], b.reason[r], b.stops[r])
-            if stream:
-                i = b.rows[0]
-                text = results[i].text if i in results else self._stream_text(b.prompts[0], b.tokens[0], b.stops[0])
-                if len(text) > len(streamed) and text.startswith(streamed):
-                    yield text[len(streamed) :]
-                    streamed = text
-            alive = [r for r, why in enumerate(b.reason) if why is None]
-            if not alive:
-                return [results[i] for i in rows]
-            if len(alive) <= len(b.rows) // 2 and not b.static:  # drop the finished rows from the batch
-                b.keep(alive)
-                if tok is not None:
-                    tok = tok.index_select(0, torch.tensor(alive, device=tok.device))
-            if drafter is None:
-                logits = self._forward(b, tok, t - 1)
-            else:
-                drafts = drafter.propose(b)
-                pos = None if b.ragged else b.cache.pos
-                logits = self._verify(b, drafts)
+            new = self._pick(b, logits, drafts, lazy)  # each row's new tokens (None: still on the device)
+            if new is not None:
+                for r, toks in enumerate(new):  # the host takes them: each row stops on its own
+                    if drafter is not None:
+                        drafter.update(b.rows[r], drafts[r] or [], toks)
+                    if b.reason[r] is None and toks and self._take(b, r, toks):
+                        results[b.rows[r]] = self._result(b.prompts[r], b.tokens[r], b.reason[r], b.stops[r])
+                if stream:
+                    i = b.rows[0]
+                    text = results[i].text if i in results else self._stream_text(b.prompts[0], b.tokens[0],
+                                                                                  b.stops[0])  # fmt: skip
+                    if len(text) > len(streamed) and text.startswith(streamed):
+                        yield text[len(streamed) :]
+                        streamed = text
+                alive = [r for r, why in enumerate(b.reason) if why is None]
+                if not alive:
+                    return [results[i] for i in rows]
+                if len(alive) <= len(b.rows) // 2 and not b.static:  # drop the finished rows from the batch
+                    b.keep(alive)
+                if drafter is not None:
+                    drafts = drafter.propose(b)
+            logits = self._step(b, drafts)
 
     def _drafter(self, b: Batch) -> Lookup | None:
         """The batch's draft policy: prompt lookup for a one-row batch, and for a greedy batch without penalties on
@@ -316,11 +298,15 @@ class Engine:
             return self.model(x[:, None], position_ids=pos, cache=b.cache, attn_mask=b.mask[:, : b.L + t + 1])[:, -1]
         return self.model(x[:, None], cache=b.cache)[:, -1]
 
-    def _verify(self, b: Batch, drafts: list[list[int] | None]) -> torch.Tensor:
-        """One forward over every live row's run [last token, *draft] -> the logits of the runs' tokens [M, V]."""
+    def _step(self, b: Batch, drafts: list[list[int] | None] | None) -> torch.Tensor:
+        """One forward over every live row's run [last token, *draft] -> the logits of the runs' tokens [M, V]
+        (drafts None: lockstep, each row's last pick, b.last, at decode step b.t - 1)."""
         dev = self.device
+        if drafts is None:
+            return self._forward(b, b.last, b.t - 1)
         if not b.ragged:  # one row, at the cache's position
             last, d, m = b.tokens[0][-1], drafts[0], self.model
+            b.pos = b.cache.pos
             if not d:
                 return self._forward(b, torch.tensor([last], device=dev), len(b.tokens[0]) - 1)
             idx = torch.tensor([last, *d], device=dev)
@@ -339,10 +325,24 @@ class Engine:
         G = torch.tensor([max(len(g), 1) for g in b.tokens], device=dev)  # tokens so far; the last one goes in now
         return b.fast.verify_rows(x, b.cache, rr, j, b.L - 1 + G, b.lens - 1 + G, b.mask, T)  # [M, V]
 
-    def _pick(self, b: Batch, logits: torch.Tensor, drafts: list[list[int] | None]) -> list[list[int]]:
-        """Each row's picks at its run's positions, cut after the first one that differs from its draft."""
+    def _pick(self, b: Batch, logits: torch.Tensor, drafts, lazy: bool) -> list[list[int]] | None:
+        """Each row's picks at its run's positions, cut after the first one that differs from its draft (drafts
+        None: one token per row, kept on the device in b.pending until the host reads them: None until then)."""
+        if drafts is None:  # lockstep: every row's token at decode step b.t
+            tok = b.last = b.sampler.select(logits, b.t)
+            b.sampler.observe(tok)
+            b.pending.append(tok)
+            b.t += 1
+            if lazy and len(b.pending) < self.sync_every and b.t < b.N:
+                return None
+            new = torch.stack(b.pending, 1).tolist() if len(b.pending) > 1 else [[v] for v in tok.tolist()]
+            b.pending = []
+            return new
         if not b.ragged:  # one row, any sampling settings, decode step = its tokens so far
-            return [b.sampler.select_run(logits, len(b.tokens[0]), drafts[0])]
+            new = b.sampler.select_run(logits, len(b.tokens[0]), drafts[0])
+            if b.pos is not None:  # the cache keeps the last token and the accepted draft; the slots after: stale
+                b.cache.pos = b.pos + len(new)
+            return [new]
         picks, o, new = b.sampler.select(logits, 0).tolist(), 0, []  # (greedy, no penalties: argmax)
         for d in drafts:
             if d is None:
