@@ -176,6 +176,19 @@ def test_a_bad_cached_library_is_rebuilt_never_loaded(cache, fakes, damage, says
     assert_verified(cache)
 
 
+def test_a_library_whose_structs_differ_from_abi_is_rebuilt(cache, fakes):
+    """A library that passes every file check but reports other struct sizes than llmctl/native/abi.py's
+    Structures (its C structs and the ctypes mirror disagree) is never used: rebuilt."""
+    so = library(cache)
+    replace(so, fakes["all"])  # its llmctl_struct_sizes reports none
+    r = run(cache, "-c", SCRIPT)
+    assert r.returncode == 0 and "native True" in r.stdout and "attention ok" in r.stdout, r.stdout + r.stderr
+    [w] = warnings(r)
+    assert w.startswith(f"warning: native library {so} has struct sizes [], not this llmctl's [") and w.endswith(
+        "; rebuilt"), r.stderr  # fmt: skip
+    assert_verified(cache)
+
+
 def test_a_good_cache_loads_quietly_and_its_directory_is_made_private(cache):
     """No rebuild, no warning; a directory of this user's that others could write is made private first."""
     so = library(cache)
