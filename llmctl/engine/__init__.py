@@ -7,8 +7,8 @@
     step.py      FastDecode: the decode step over the KV cache (PyTorch, and natively through llmctl/native/)
 """
 
-from llmctl.engine.engine import Batch, Engine, Result, Stream
+from llmctl.engine.engine import Engine, Result, Stream
 from llmctl.engine.sampling import SamplingParams, argmax, sample
 from llmctl.engine.step import FastDecode
 
-__all__ = ["Batch", "Engine", "FastDecode", "Result", "SamplingParams", "Stream", "argmax", "sample"]
+__all__ = ["Engine", "FastDecode", "Result", "SamplingParams", "Stream", "argmax", "sample"]
