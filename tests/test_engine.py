@@ -8,7 +8,7 @@ from scipy import stats
 
 from llmctl import hf
 from llmctl.engine import Engine, SamplingParams, sample
-from llmctl.fastdecode import FastDecode
+from llmctl.engine.step import FastDecode
 from llmctl.model import KVCache, ModelConfig, Transformer
 
 V = 512  # the conftest tokenizer's vocabulary
@@ -96,7 +96,7 @@ def test_beam_search_equals_transformers(pair, length_penalty):
 def test_kv_cache_decode_logits_equal_full_forward(kw, native):
     """Prefill + one-token decode steps (FastDecode and the model's forward), with left padding, give the
     logits of the full forward of each unpadded sequence (fp32, 1e-4); FastDecode's steps with and without the
-    native step (llmctl/csrc/decode.cpp: batched rows, verify passes)."""
+    native step (llmctl/native/csrc/decode.cpp: batched rows, verify passes)."""
     m = make_model(**kw)
     a, b = prompts_of([14, 5], seed=3)
     cont = prompts_of([6, 6], seed=4)
@@ -158,7 +158,7 @@ def test_kv_cache_decode_logits_equal_full_forward(kw, native):
                                 dict(arch="gpt2")])  # fmt: skip
 @pytest.mark.parametrize("share", [False, True])
 def test_native_decode_step_equals_pytorch(kw, share, monkeypatch, tmp_path):
-    """The native steps (llmctl/csrc/decode.cpp, built here into a fresh cache) -- one row, and rows of a left-padded
+    """The native steps (llmctl/native/csrc/decode.cpp, built here into a fresh cache) -- one row, and rows of a left-padded
     batch (matmuls through PyTorch's BLAS) -- give the PyTorch step's logits and cache entries, at 1 and 2 threads
     (work split across threads), on sizes that are no multiple of the vector width; past the model's context the
     one-row step leaves the token to PyTorch."""
@@ -258,7 +258,7 @@ def test_fast_decode_follows_weight_updates_and_sharing():
 
 
 def test_ngram_draft():
-    from llmctl.speculative import ngram_draft
+    from llmctl.engine.lookup import ngram_draft
 
     seq = np.array
     assert ngram_draft(seq([1, 2, 3, 1, 2, 4, 1, 2]), 2) == [4, 1]  # the most recent occurrence of (1, 2)

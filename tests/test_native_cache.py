@@ -1,4 +1,4 @@
-"""The native library's cache (llmctl/native.py) is verified before anything in it is loaded: a truncated library, one
+"""The native library's cache (llmctl/native/) is verified before anything in it is loaded: a truncated library, one
 lacking a symbol, one owned by another user or writable by others, one whose bytes don't hash to the record, one
 without a record, a symlink -- each is rebuilt (one `warning:` line) and never loaded, or, where the rebuild fails,
 PyTorch's path runs; never a crash (a truncated library used to kill every generate with SIGBUS, rc 135). Each case
@@ -45,6 +45,7 @@ FAKE = r"""
 #include <stdio.h>
 __attribute__((constructor)) static void loaded(void) { fputs("FAKE LIBRARY LOADED\n", stderr); }
 int llmctl_decode(void) { return 0; }
+long llmctl_struct_sizes(void) { return 0; }
 long llmctl_work_floats(void) { return 0; }
 int llmctl_step(void) { return 0; }
 long llmctl_step_floats(void) { return 0; }
@@ -172,6 +173,19 @@ def test_a_bad_cached_library_is_rebuilt_never_loaded(cache, fakes, damage, says
     assert "FAKE LIBRARY LOADED" not in r.stderr
     [w] = warnings(r)
     assert w.startswith(f"warning: native library {so} {says}") and w.endswith("; rebuilt"), r.stderr
+    assert_verified(cache)
+
+
+def test_a_library_whose_structs_differ_from_abi_is_rebuilt(cache, fakes):
+    """A library that passes every file check but reports other struct sizes than llmctl/native/abi.py's
+    Structures (its C structs and the ctypes mirror disagree) is never used: rebuilt."""
+    so = library(cache)
+    replace(so, fakes["all"])  # its llmctl_struct_sizes reports none
+    r = run(cache, "-c", SCRIPT)
+    assert r.returncode == 0 and "native True" in r.stdout and "attention ok" in r.stdout, r.stdout + r.stderr
+    [w] = warnings(r)
+    assert w.startswith(f"warning: native library {so} has struct sizes [], not this llmctl's [") and w.endswith(
+        "; rebuilt"), r.stderr  # fmt: skip
     assert_verified(cache)
 
 

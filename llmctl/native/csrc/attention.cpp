@@ -1,6 +1,6 @@
 // Causal self-attention, forward and backward, fp32 on CPU: the training path's attention (llmctl/attention.py).
 //
-// Built with decode.cpp into one library by llmctl/native.py (g++ -O3 -march=native -fopenmp). For the small head
+// Built with decode.cpp into one library by llmctl/native/ (g++ -O3 -march=native -fopenmp). For the small head
 // sizes of CPU-sized models (32-128) PyTorch's CPU flash attention spends most of its time outside its matmuls;
 // here each (batch, head) is one task of an OpenMP loop, and within it every row tile of RT query rows computes its
 // scores against the keys it may see (a causal mask is just where a tile stops), the softmax in 16-lane vectors,

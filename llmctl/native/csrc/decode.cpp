@@ -1,22 +1,14 @@
 // The decode step of an llmctl Transformer (llama or gpt2 family), fp32 on CPU: FastDecode's, natively.
 //
-// llmctl/native.py compiles this file on first use (g++ -O3 -march=native -fopenmp); FastDecode
-// (llmctl/fastdecode.py) calls it through ctypes and owns the weights: the same fused [in, out] matrices its PyTorch
-// step uses, read in place. `llmctl_decode` runs one token of one row in one call and one OpenMP parallel region
-// (the process's OpenMP runtime, the one PyTorch uses, with its thread count): at batch 1 a small model's PyTorch
-// step is mostly op dispatch (~200 ops a token). `llmctl_step` runs M tokens of a batch's rows (decode steps,
-// verify passes), its matmuls through PyTorch's own sgemm. Tests hold the logits to PyTorch's (fp32, 1e-4).
+// llmctl/native/ compiles this file on first use (g++ -O3 -march=native -fopenmp); FastDecode (llmctl/engine/step.py)
+// calls it through ctypes and owns the weights: the same fused [in, out] matrices its PyTorch step uses, read in
+// place. `llmctl_decode` runs one token of one row in one call and one OpenMP parallel region (the process's OpenMP
+// runtime, the one PyTorch uses, with its thread count): at batch 1 a small model's PyTorch step is mostly op
+// dispatch (~200 ops a token). `llmctl_step` runs M tokens of a batch's rows (decode steps, verify passes), its
+// matmuls through PyTorch's own sgemm. Tests hold the logits to PyTorch's (fp32, 1e-4).
 //
-// Arguments (all int64 so that one numpy array carries them):
-//   cfg:  arch (0 llama, 1 gpt2), n_layer, C, n_head, n_kv_head, head_dim, inter (MLP width), vocab,
-//         cache max_len, lm_layout (0: lm_head [C, V]; 1: rows [V, C], a tied embedding as it is),
-//         llmctl_decode: token, slot (cache position written), position (RoPE / learned position index);
-//         llmctl_step: M, unused, unused; then n_pos (positions the tables hold), B (cache rows)
-//   ptrs: embedding [V, C], wpe [n_pos, C] (gpt2) or cos [n_pos, hd] (llama), signed sin [n_pos, hd] (llama),
-//         final norm weight, final norm bias (gpt2), lm_head, then per layer 14: ln1 w, ln1 b, wqkv, bqkv,
-//         wo, bo, ln2 w, ln2 b, w1 (gate|up or fc), b1, w2 (down or proj), b2, k cache, v cache
-//         ([B, nkv, max_len, hd] each, contiguous); a null pointer is an absent bias.
-//   eps, scale: the norms' epsilon, attention's scale; logits: [V] out; work: scratch (llmctl_work_floats).
+// The arguments are the structs below, mirrored field by field by ctypes Structures in llmctl/native/abi.py
+// (`llmctl_struct_sizes` lets the loader check that both sides agree on their sizes).
 #include <omp.h>
 
 #include <cmath>
@@ -24,12 +16,41 @@
 #include <cstring>
 #include <vector>
 
+extern "C" {
+
+struct LlmctlLayer {  // one block's weights (a null pointer: an absent bias) and its KV cache
+  const float *ln1w, *ln1b, *wqkv, *bqkv, *wo, *bo, *ln2w, *ln2b;
+  const float *w1, *b1, *w2, *b2;  // w1: gate|up (llama) or fc (gpt2); w2: down or proj
+  float *kc, *vc;                  // [B, nkv, max_len, hd] each, contiguous
+};
+
+struct LlmctlModel {
+  int64_t gpt2;         // 0: llama, 1: gpt2
+  int64_t n_layer, C, nh, nkv, hd, inter;  // inter: the MLP's width
+  int64_t V, L, lm_rows;  // vocab; the cache's max_len; lm_head layout (0: [C, V]; 1: rows [V, C], a tied embedding)
+  int64_t n_pos, B;       // positions the tables hold; cache rows
+  float eps, scale;       // the norms' epsilon, attention's scale
+  const float* emb;       // [V, C]
+  const float* pe;        // gpt2: wpe [n_pos, C]; llama: cos [n_pos, hd]
+  const float* sin;       // llama: signed sin [n_pos, hd] (FastDecode's tables)
+  const float *normw, *normb, *lm_head;  // the final norm (bias: gpt2), lm_head
+  const LlmctlLayer* layers;             // [n_layer]
+};
+
+struct LlmctlTokens {  // llmctl_step's M tokens
+  int64_t M;
+  const int64_t *tok, *rows, *slots, *limit, *pos;  // [M] each
+  const bool* mask;   // key mask, row r at mask + r * mstride (null: all keys)
+  int64_t mstride;
+  const int64_t* out;  // the tokens whose logits are wanted (null: all M, in order)
+  int64_t n_out;
+};
+
+}  // extern "C"
+
 namespace {
 
-struct Layer {
-  const float *ln1w, *ln1b, *wqkv, *bqkv, *wo, *bo, *ln2w, *ln2b, *w1, *b1, *w2, *b2;
-  float *kc, *vc;
-};
+typedef LlmctlLayer Layer;
 
 inline void span(int64_t n, int64_t align, int64_t* lo, int64_t* hi) {  // this thread's share of [0, n)
   const int nt = omp_get_num_threads(), t = omp_get_thread_num();
@@ -193,24 +214,13 @@ inline void activate(float* __restrict mlp, int64_t inter, int64_t j0, int64_t j
   }
 }
 
-struct Model {  // cfg and ptrs, read (see the top of this file)
-  bool gpt2;
-  int64_t n_layer, C, nh, nkv, hd, inter, V, L, lm_rows, n_pos;
-  const int64_t* ptrs;
-  float* p(int64_t i) const { return reinterpret_cast<float*>(ptrs[i]); }
-  Layer layer(int64_t l) const {
-    auto w = [&](int64_t k) { return p(6 + 14 * l + k); };
-    return Layer{w(0), w(1), w(2), w(3), w(4), w(5), w(6), w(7), w(8), w(9), w(10), w(11), w(12), w(13)};
-  }
+struct Model : LlmctlModel {
+  explicit Model(const LlmctlModel* m) : LlmctlModel(*m) {}
   int64_t nq() const { return (nh + 2 * nkv) * hd; }
   int64_t m1() const { return gpt2 ? inter : 2 * inter; }  // width of the first MLP matmul
 };
 
-Model read(const int64_t* cfg, const int64_t* ptrs) {
-  return Model{cfg[0] == 1, cfg[1], cfg[2], cfg[3], cfg[4], cfg[5], cfg[6], cfg[7], cfg[8], cfg[9], cfg[13], ptrs};
-}
-
-// Fortran BLAS sgemm (column-major), as PyTorch's own BLAS exports it; llmctl/native.py finds it.
+// Fortran BLAS sgemm (column-major), as PyTorch's own BLAS exports it; llmctl/native/ finds it.
 typedef void (*sgemm_t)(const char*, const char*, const int*, const int*, const int*, const float*, const float*,
                         const int*, const float*, const int*, const float*, float*, const int*);
 
@@ -236,31 +246,37 @@ void mm(sgemm_t f, int64_t M, const float* x, const float* W, const float* b, fl
 
 extern "C" {
 
-int64_t llmctl_work_floats(const int64_t* cfg) {  // scratch llmctl_decode needs, in floats
-  const int64_t C = cfg[2], nh = cfg[3], nkv = cfg[4], hd = cfg[5], inter = cfg[6], L = cfg[8];
-  return 2 * C + (nh + 2 * nkv) * hd + nh * hd + 2 * inter + nh * L + 64;
+int64_t llmctl_struct_sizes(int64_t* out) {  // sizeof LlmctlModel, LlmctlLayer, LlmctlTokens: the loader's check
+  out[0] = sizeof(LlmctlModel), out[1] = sizeof(LlmctlLayer), out[2] = sizeof(LlmctlTokens);
+  return 3;
 }
 
-int64_t llmctl_step_floats(const int64_t* cfg, int64_t M) {  // scratch llmctl_step needs for M tokens, in floats
-  const int64_t C = cfg[2], nh = cfg[3], nkv = cfg[4], hd = cfg[5], inter = cfg[6];
-  return M * (2 * C + (nh + 2 * nkv) * hd + nh * hd + 2 * inter) + 64;
+int64_t llmctl_work_floats(const LlmctlModel* m) {  // scratch llmctl_decode needs, in floats
+  return 2 * m->C + (m->nh + 2 * m->nkv) * m->hd + m->nh * m->hd + 2 * m->inter + m->nh * m->L + 64;
 }
 
-// One token of one cache row (cfg[10..12]: token, slot, position), in one parallel region. logits [V].
-int llmctl_decode(const int64_t* cfg, const int64_t* ptrs, float eps, float scale, float* logits, float* work) {
-  const Model md = read(cfg, ptrs);
+int64_t llmctl_step_floats(const LlmctlModel* m, int64_t M) {  // scratch llmctl_step needs for M tokens, in floats
+  return M * (2 * m->C + (m->nh + 2 * m->nkv) * m->hd + m->nh * m->hd + 2 * m->inter) + 64;
+}
+
+// One token of one cache row: `token` goes to slot `slot` at position `pos` (RoPE / learned position index), in
+// one parallel region. logits [V]; work: scratch (llmctl_work_floats). Nothing is written when an index is out of
+// range (returns 1).
+int llmctl_decode(const LlmctlModel* model, int64_t token, int64_t slot, int64_t pos, float* logits, float* work) {
+  const Model md(model);
   const bool gpt2 = md.gpt2;
   const int64_t C = md.C, nh = md.nh, nkv = md.nkv, hd = md.hd, inter = md.inter, L = md.L, nq = md.nq();
-  const int64_t token = cfg[10], slot = cfg[11], pos = cfg[12], S = slot + 1;
+  const int64_t S = slot + 1;
+  const float eps = md.eps, scale = md.scale;
   if (token < 0 || token >= md.V || slot < 0 || slot >= L || pos < 0 || pos >= md.n_pos) return 1;
-  const float *emb = md.p(0), *pe = md.p(1), *sin = md.p(2);
+  const float *emb = md.emb, *pe = md.pe, *sin = md.sin;
   float *h = work, *xn = h + C, *qkv = xn + C, *att = qkv + nq, *mlp = att + nh * hd, *sc = mlp + 2 * inter;
 
   for (int64_t i = 0; i < C; i++) h[i] = emb[token * C + i] + (gpt2 ? pe[pos * C + i] : 0.0f);
 #pragma omp parallel
   {
     for (int64_t l = 0; l < md.n_layer; l++) {
-      const Layer w = md.layer(l);
+      const Layer w = md.layers[l];
 #pragma omp single
       norm(h, w.ln1w, w.ln1b, xn, C, gpt2, eps);
       gemv_io(xn, w.wqkv, w.bqkv, qkv, C, nq, false);
@@ -289,26 +305,28 @@ int llmctl_decode(const int64_t* cfg, const int64_t* ptrs, float eps, float scal
 #pragma omp barrier
     }
 #pragma omp single
-    norm(h, md.p(3), md.p(4), xn, C, gpt2, eps);
+    norm(h, md.normw, md.normb, xn, C, gpt2, eps);
     if (md.lm_rows)
-      gemv_oi(xn, md.p(5), logits, C, md.V);
+      gemv_oi(xn, md.lm_head, logits, C, md.V);
     else
-      gemv_io(xn, md.p(5), nullptr, logits, C, md.V, false);
+      gemv_io(xn, md.lm_head, nullptr, logits, C, md.V, false);
   }
   return 0;
 }
 
-// M tokens at once (cfg[10] = M): token m goes to slot slots[m] of cache row rows[m] at position pos[m] and
-// attends to that row's slots s <= limit[m] where mask[rows[m] * mstride + s] (mask null: all). The matmuls go
-// through sgemm, the rest through OpenMP loops. logits [n_out, V] of the tokens out_idx (null: all M, in order).
-// Nothing is written when an index is out of range (returns 1).
-int llmctl_step(const int64_t* cfg, const int64_t* ptrs, float eps, float scale, const int64_t* tok,
-                const int64_t* rows, const int64_t* slots, const int64_t* limit, const int64_t* pos, const bool* mask,
-                int64_t mstride, const int64_t* out_idx, int64_t n_out, float* logits, float* work, void* sgemm) {
-  const Model md = read(cfg, ptrs);
+// M tokens at once: token m goes to slot slots[m] of cache row rows[m] at position pos[m] and attends to that
+// row's slots s <= limit[m] where mask[rows[m] * mstride + s] (mask null: all). The matmuls go through sgemm, the
+// rest through OpenMP loops. logits [n_out, V] of the tokens `out` (null: all M, in order); work: scratch
+// (llmctl_step_floats). Nothing is written when an index is out of range (returns 1).
+int llmctl_step(const LlmctlModel* model, const LlmctlTokens* t, float* logits, float* work, void* sgemm) {
+  const Model md(model);
   const bool gpt2 = md.gpt2;
-  const int64_t M = cfg[10], B = cfg[14], C = md.C, nh = md.nh, nkv = md.nkv, hd = md.hd, inter = md.inter,
-                L = md.L, nq = md.nq(), m1 = md.m1();
+  const int64_t M = t->M, B = md.B, C = md.C, nh = md.nh, nkv = md.nkv, hd = md.hd, inter = md.inter, L = md.L,
+                nq = md.nq(), m1 = md.m1();
+  const float eps = md.eps, scale = md.scale;
+  const int64_t *tok = t->tok, *rows = t->rows, *slots = t->slots, *limit = t->limit, *pos = t->pos;
+  const int64_t *out_idx = t->out, n_out = t->n_out, mstride = t->mstride;
+  const bool* mask = t->mask;
   const sgemm_t f = reinterpret_cast<sgemm_t>(sgemm);
   for (int64_t m = 0; m < M; m++)
     if (tok[m] < 0 || tok[m] >= md.V || rows[m] < 0 || rows[m] >= B || slots[m] < 0 || slots[m] >= L ||
@@ -322,13 +340,13 @@ int llmctl_step(const int64_t* cfg, const int64_t* ptrs, float eps, float scale,
     if (m == 0 || rows[m] != rows[m - 1]) run.push_back(m);
   const int64_t n_runs = (int64_t)run.size();
   run.push_back(M);
-  const float *emb = md.p(0), *pe = md.p(1), *sin = md.p(2);
+  const float *emb = md.emb, *pe = md.pe, *sin = md.sin;
 
 #pragma omp parallel for schedule(static)
   for (int64_t m = 0; m < M; m++)
     for (int64_t i = 0; i < C; i++) h[m * C + i] = emb[tok[m] * C + i] + (gpt2 ? pe[pos[m] * C + i] : 0.0f);
   for (int64_t l = 0; l < md.n_layer; l++) {
-    const Layer w = md.layer(l);
+    const Layer w = md.layers[l];
 #pragma omp parallel for schedule(static)
     for (int64_t m = 0; m < M; m++) norm(h + m * C, w.ln1w, w.ln1b, xn + m * C, C, gpt2, eps);
     mm(f, M, xn, w.wqkv, w.bqkv, qkv, C, nq, false);
@@ -363,8 +381,9 @@ int llmctl_step(const int64_t* cfg, const int64_t* ptrs, float eps, float scale,
   }
   const int64_t n = out_idx ? n_out : M;
 #pragma omp parallel for schedule(static)
-  for (int64_t i = 0; i < n; i++) norm(h + (out_idx ? out_idx[i] : i) * C, md.p(3), md.p(4), xn + i * C, C, gpt2, eps);
-  mm(f, n, xn, md.p(5), nullptr, logits, C, md.V, false, md.lm_rows != 0);
+  for (int64_t i = 0; i < n; i++)
+    norm(h + (out_idx ? out_idx[i] : i) * C, md.normw, md.normb, xn + i * C, C, gpt2, eps);
+  mm(f, n, xn, md.lm_head, nullptr, logits, C, md.V, false, md.lm_rows != 0);
   return 0;
 }
 

@@ -1,6 +1,7 @@
-"""Native CPU kernels: the decode step (llmctl/csrc/decode.cpp) and causal attention's forward and backward for
-training (llmctl/csrc/attention.cpp, used through llmctl/attention.py), one library built on first use with the
-system's C++ compiler, cached.
+"""Native CPU kernels: the decode step (csrc/decode.cpp, used through llmctl/engine/step.py) and causal attention's
+forward and backward for training (csrc/attention.cpp, used through llmctl/attention.py), one library built on first
+use with the system's C++ compiler, cached. Its C interface is mirrored in `abi` (ctypes Structures for the C
+structs, the functions' signatures).
 
 `load()` returns the ctypes library, or None when it can't be had: no compiler (`$CXX`, g++ or c++), a failed
 build, or `LLMCTL_NATIVE=0` in the environment. Callers then keep PyTorch's path; `reason` says why. The build
@@ -15,11 +16,12 @@ fsynced and renamed into place (then the directory is fsynced), under an exclusi
 readers share. Before loading, the directory (`native/`, else `native-UID/`) must be this user's and writable by
 no one else, and both files regular (no symlinks), this user's, writable by no one else; the library's bytes are
 read through that one descriptor, must hash to the record, and their ELF dynamic symbol table must define every
-function bound below. The loader then maps those verified bytes, copied to an anonymous memory file
+function `abi` declares. The loader then maps those verified bytes, copied to an anonymous memory file
 (memfd; elsewhere a private temporary file), not the cache file: no later change to the cache (a truncation, a
-concurrent rebuild) can change or fault (SIGBUS) the code this process runs. A library that fails a check is never
-loaded: it is rebuilt and replaced (one `warning:` line on stderr), or, where the rebuild fails, PyTorch's path
-runs. Where no cache directory is safe, the library is built privately for the process (a warning), not cached.
+concurrent rebuild) can change or fault (SIGBUS) the code this process runs; and the loaded library's structs must
+have the sizes of `abi`'s Structures. A library that fails a check is never used: it is rebuilt and replaced (one
+`warning:` line on stderr), or, where the rebuild fails, PyTorch's path runs. Where no cache directory is safe,
+the library is built privately for the process (a warning), not cached.
 """
 
 from __future__ import annotations
@@ -40,11 +42,11 @@ from pathlib import Path
 import torch  # noqa: F401  (loaded first: its OpenMP runtime is the one the library binds to)
 
 from llmctl import cache_dir
+from llmctl.native import abi
+from llmctl.native.abi import SYMBOLS
 
 SOURCES = [Path(__file__).with_name("csrc") / name for name in ("decode.cpp", "attention.cpp")]
 FLAGS = ["-O3", "-march=native", "-fopenmp", "-shared", "-fPIC", "-std=c++17"]
-SYMBOLS = ("llmctl_decode", "llmctl_work_floats", "llmctl_step", "llmctl_step_floats", "llmctl_attn_fwd",
-           "llmctl_attn_bwd")  # fmt: skip
 MAX_BYTES = 64 << 20  # a larger "library" is not one of ours
 _lib: ctypes.CDLL | None = None
 _tried = False
@@ -272,20 +274,9 @@ def _bind(data: bytes) -> ctypes.CDLL:
     for s in SYMBOLS:
         if not hasattr(lib, s):  # parsed as present: a loader disagreeing is a bad library all the same
             raise _Bad(f"lacks symbol {s} once loaded")
-    lib.llmctl_decode.argtypes = [ctypes.c_void_p, ctypes.c_void_p, ctypes.c_float, ctypes.c_float,
-                                  ctypes.c_void_p, ctypes.c_void_p]  # fmt: skip
-    lib.llmctl_decode.restype = ctypes.c_int
-    lib.llmctl_work_floats.argtypes = [ctypes.c_void_p]
-    lib.llmctl_work_floats.restype = ctypes.c_int64
-    ptr, i64, f32 = ctypes.c_void_p, ctypes.c_int64, ctypes.c_float
-    lib.llmctl_step.argtypes = [ptr, ptr, f32, f32, *[ptr] * 6, i64, ptr, i64, ptr, ptr, ptr]
-    lib.llmctl_step.restype = ctypes.c_int
-    lib.llmctl_step_floats.argtypes = [ctypes.c_void_p, ctypes.c_int64]
-    lib.llmctl_step_floats.restype = ctypes.c_int64
-    lib.llmctl_attn_fwd.argtypes = [ptr, ptr, ptr, ptr, ptr, ptr, f32]
-    lib.llmctl_attn_fwd.restype = ctypes.c_int
-    lib.llmctl_attn_bwd.argtypes = [*[ptr] * 10, f32]
-    lib.llmctl_attn_bwd.restype = ctypes.c_int
+    wrong = abi.bind(lib)
+    if wrong:
+        raise _Bad(wrong)
     return lib
 
 

@@ -1,4 +1,4 @@
-"""The one-token decode step of a Transformer, lean and fast, for the generate engine (llmctl/engine.py).
+"""The decode step over the KV cache: the one-token step of a Transformer, lean and fast, for the engine.
 
 `Transformer.forward` is written for training and readability; at decode time (one token per row) a small model
 on a CPU spends as much time dispatching ops as multiplying. FastDecode computes the same logits with fewer,
@@ -6,17 +6,21 @@ larger ops: q/k/v and gate/up projections fused into one matmul each, weights st
 matrix-vector and small-batch products on CPU), the residual adds fused into the output projections, RoPE as
 one fused multiply-add. Tests hold its logits to the full forward's (fp32, 1e-4).
 
-fp32 on CPU, the same step runs natively (llmctl/csrc/decode.cpp through llmctl/native.py, on these same fused
-weights and the same KV cache): a one-row token in one call, and for rows of a batch and verify passes everything
-but the matmuls, which go to the sgemm of PyTorch's own BLAS. Where it does not apply (another device or dtype, no
-compiler, an index out of range) the PyTorch step runs; tests hold the two to each other.
+fp32 on CPU, the same step runs natively (llmctl/native/csrc/decode.cpp, on these same fused weights and the same
+KV cache, through the ctypes Structures of llmctl/native/abi.py): a one-row token in one call, and for rows of a
+batch and verify passes everything but the matmuls, which go to the sgemm of PyTorch's own BLAS. Where it does not
+apply (another device or dtype, no compiler, an index out of range) the PyTorch step runs; tests hold the two to
+each other.
 """
 
 from __future__ import annotations
 
-import numpy as np
+import ctypes
+
 import torch
 import torch.nn.functional as F
+
+from llmctl.model import Transformer
 
 _OPTIMIZER_STEPS = 0  # optimizer steps taken in this process (any optimizer), counted by a global post-step hook
 _HOOKED = False
@@ -52,8 +56,9 @@ class FastDecode:
 
     @staticmethod
     def supported(model) -> bool:
+        """An llmctl Transformer whose Linear layers are plain ones."""
         lin = [m for m in model.modules() if isinstance(m, torch.nn.Linear)]
-        return all(type(m) is torch.nn.Linear for m in lin)
+        return isinstance(model, Transformer) and all(type(m) is torch.nn.Linear for m in lin)
 
     def _version(self) -> tuple[int, int]:
         """Changes whenever a parameter may have: in-place ops and copies bump its version counter, and any
@@ -79,8 +84,8 @@ class FastDecode:
                 self.layers.append((blk.ln_1, *self._fuse(blk.attn.c_attn), *self._fuse(blk.attn.c_proj), blk.ln_2,
                                     *self._fuse(blk.mlp.c_fc), *self._fuse(blk.mlp.c_proj)))  # fmt: skip
         self.lm_rows = None  # sharing a tied embedding: logits = (E @ h.T).T with E [V, C] as it is
-        if cfg.tie_embeddings and self.share:  # (x @ E.T is ~1.7x slower than either for a few rows, e.g. M=9;
-            # as fast from ~16 rows on, and then the transposed [V, M] result's copy costs more than it saves)
+        if cfg.tie_embeddings and self.share:  # (x @ E.T is slower than either for a few rows; as fast from ~16
+            # rows on, and then the transposed [V, M] result's copy costs more than it saves)
             self.lm_rows = m.lm_head.weight.detach()
             self.lm_head = self.lm_rows.t()
         elif cfg.tie_embeddings:  # the embedding keeps its layout: a transposed copy
@@ -100,13 +105,14 @@ class FastDecode:
         self.version = self._version()
 
     def _native_setup(self) -> None:
-        """Point the native step (llmctl/native.py) at the weights, where it applies: fp32 on CPU, contiguous."""
+        """Point the native step (llmctl/native/) at the weights, where it applies: fp32 on CPU, contiguous."""
         cfg, m = self.cfg, self.model
         self.native = None
         w = m.lm_head.weight
         if w.device.type != "cpu" or w.dtype != torch.float32 or cfg.head_dim > 512 or cfg.n_head % cfg.n_kv_head:
             return
         from llmctl import native
+        from llmctl.native import abi
 
         lib = native.load()
         if lib is None:
@@ -120,28 +126,31 @@ class FastDecode:
             emb, glob = m.transformer.wte.weight, [m.transformer.wpe.weight, None, ln_f.weight, ln_f.bias]
             eps, n_pos = ln_f.eps, m.transformer.wpe.weight.size(0)
         lm = self.lm_rows if self.lm_rows is not None else self.lm_head
-        keep = [emb, *glob, lm]
+        layers = []  # per layer: Layer's 12 weights (None: absent)
         for layer in self.layers:
             if llama:
                 ln1, wqkv, bqkv, wo, bo, ln2, w1, _, w2, _ = layer
-                keep += [ln1, None, wqkv, bqkv, wo, bo, ln2, None, w1, None, w2, None]
+                layers.append([ln1, None, wqkv, bqkv, wo, bo, ln2, None, w1, None, w2, None])
             else:
                 ln1, wqkv, bqkv, wo, bo, ln2, w1, b1, w2, b2 = layer
                 if ln1.eps != eps or ln2.eps != eps:
                     return
-                keep += [ln1.weight, ln1.bias, wqkv, bqkv, wo, bo, ln2.weight, ln2.bias, w1, b1, w2, b2]
+                layers.append([ln1.weight, ln1.bias, wqkv, bqkv, wo, bo, ln2.weight, ln2.bias, w1, b1, w2, b2])
+        keep = [emb, *glob, lm, *(t for ts in layers for t in ts)]
         if any(t is not None and (t.dtype != torch.float32 or not t.is_contiguous()) for t in keep):
             return
         self._keep = keep  # the tensors behind the pointers
-        ptrs = [0 if t is None else t.data_ptr() for t in keep]
-        for i in range(cfg.n_layer):  # after each layer's 12 weights, its k / v cache pointers: filled per call
-            ptrs[6 + 14 * i + 12 : 6 + 14 * i + 12] = [0, 0]
+        ptr = lambda t: None if t is None else t.data_ptr()  # noqa: E731
+        self._layers = (abi.Layer * cfg.n_layer)(*(abi.Layer(*map(ptr, ts)) for ts in layers))  # k / v: per cache
         inter = self.layers[0][6].size(1) // (2 if llama else 1)
-        self._ptrs = np.array(ptrs, dtype=np.int64)
-        self._cfg = np.array([0 if llama else 1, cfg.n_layer, cfg.n_embd, cfg.n_head, cfg.n_kv_head, cfg.head_dim,
-                              inter, cfg.vocab_size, 0, int(self.lm_rows is not None), 0, 0, 0, n_pos, 0],
-                             dtype=np.int64)  # fmt: skip
-        self._eps, self._scale = float(eps), cfg.head_dim**-0.5
+        self._model = abi.Model(gpt2=int(not llama), n_layer=cfg.n_layer, C=cfg.n_embd, nh=cfg.n_head,
+                                nkv=cfg.n_kv_head, hd=cfg.head_dim, inter=inter, V=cfg.vocab_size,
+                                lm_rows=int(self.lm_rows is not None), n_pos=n_pos, eps=float(eps),
+                                scale=cfg.head_dim**-0.5, emb=ptr(emb), pe=ptr(glob[0]), sin=ptr(glob[1]),
+                                normw=ptr(glob[2]), normb=ptr(glob[3]), lm_head=ptr(lm),
+                                layers=self._layers)  # fmt: skip
+        self._mp, self._tokens = ctypes.pointer(self._model), abi.Tokens()
+        self._tp = ctypes.pointer(self._tokens)
         self._work, self._cache_ptrs = None, None
         self.native, self._sgemm = lib, native.sgemm()
 
@@ -156,8 +165,9 @@ class FastDecode:
             if any(t.dtype != torch.float32 or not t.is_contiguous() or t.device.type != "cpu" or t.shape != shape
                    for t in bufs):  # fmt: skip
                 return False
-            self._ptrs[[6 + 14 * i + 12 + j for i in range(self.cfg.n_layer) for j in (0, 1)]] = key[: len(bufs)]
-            self._cfg[8], self._cfg[14] = cache.max_len, cache.k[0].size(0)
+            for layer, k, v in zip(self._layers, cache.k, cache.v):
+                layer.kc, layer.vc = k.data_ptr(), v.data_ptr()
+            self._model.L, self._model.B = cache.max_len, shape[0]
             self._cache_ptrs = key
         return True
 
@@ -170,14 +180,12 @@ class FastDecode:
     def _native_step(self, token: int, cache) -> torch.Tensor | None:
         """One token of a one-row cache through the native step, at slot and position cache.pos: logits [1, V]
         fp32 (the caller advances pos). None (nothing written) where it does not apply."""
-        P, c = cache.pos, self._cfg
+        P = cache.pos
         if not self._bind(cache):
             return None
-        c[10], c[11], c[12] = token, P, P
-        work = self._scratch(int(self.native.llmctl_work_floats(c.ctypes.data)))
+        work = self._scratch(int(self.native.llmctl_work_floats(self._mp)))
         out = torch.empty(1, self.cfg.vocab_size)
-        if self.native.llmctl_decode(c.ctypes.data, self._ptrs.ctypes.data, self._eps, self._scale, out.data_ptr(),
-                                     work.data_ptr()):  # fmt: skip
+        if self.native.llmctl_decode(self._mp, token, P, P, out.data_ptr(), work.data_ptr()):
             return None  # an index out of range, nothing written: PyTorch's step decides
         return out
 
@@ -189,19 +197,19 @@ class FastDecode:
             return None
         if mask is not None and (mask.dtype != torch.bool or mask.stride(-1) != 1):
             return None
-        c, M = self._cfg, x.size(0)
+        M = x.size(0)
         x, rows, slots, pos = (t.to(torch.long).contiguous() for t in (x, rows, slots, pos))
-        c[10] = M
         n_out = M if out is None else out.numel()
         if out is not None:
             out = out.to(torch.long).contiguous()
-        work = self._scratch(int(self.native.llmctl_step_floats(c.ctypes.data, M)))
+        t = self._tokens  # (limit = slots: each token attends up to its own slot)
+        t.M, t.tok, t.rows, t.pos = M, x.data_ptr(), rows.data_ptr(), pos.data_ptr()
+        t.slots = t.limit = slots.data_ptr()
+        t.mask, t.mstride = (None, 0) if mask is None else (mask.data_ptr(), mask.stride(0))
+        t.out, t.n_out = None if out is None else out.data_ptr(), n_out
+        work = self._scratch(int(self.native.llmctl_step_floats(self._mp, M)))
         logits = torch.empty(n_out, self.cfg.vocab_size)
-        err = self.native.llmctl_step(c.ctypes.data, self._ptrs.ctypes.data, self._eps, self._scale, x.data_ptr(),
-                                      rows.data_ptr(), slots.data_ptr(), slots.data_ptr(),  # limit: each its own slot
-                                      pos.data_ptr(), None if mask is None else mask.data_ptr(),
-                                      0 if mask is None else mask.stride(0), None if out is None else out.data_ptr(),
-                                      n_out, logits.data_ptr(), work.data_ptr(), self._sgemm)  # fmt: skip
+        err = self.native.llmctl_step(self._mp, self._tp, logits.data_ptr(), work.data_ptr(), self._sgemm)
         return None if err else logits
 
     def _fuse(self, *lins):
@@ -273,7 +281,7 @@ class FastDecode:
         return out
 
     def verify_rows(self, x, cache, rows, j, start, position, key_mask, T, out=None):
-        """Batched verify pass, rows advancing on their own (llmctl/speculative.py): x [M] holds, for each cache row
+        """Batched verify pass, rows advancing on their own (llmctl/engine/lookup.py): x [M] holds, for each cache row
         r, a run of consecutive tokens (x[m] is token j[m] of row rows[m]'s run, j < T, runs sorted by row then j;
         a row may have none) that go to cache slots start[r] + j at positions position[r] + j. Token j of row r
         attends to the slots s <= start[r] + j where key_mask [B, >= S] is True (S = the last slot written + 1;
