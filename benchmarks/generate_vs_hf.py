@@ -12,7 +12,7 @@ the best round of each side is kept.
   transformers, generated together; throughput = all new tokens / wall time.
 
 llmctl runs as `llmctl generate` does: with its default speculative decoding by prompt lookup for one-prompt batches
-and for greedy batches (Engine(prompt_lookup=8), llmctl/speculative.py: the same tokens, verified in one forward
+and for greedy batches (Engine(prompt_lookup=8), llmctl/engine/lookup.py: the same tokens, verified in one forward
 pass per draft; a greedy batch drafts up to 3 tokens per row, its rows advancing on their own). Every entry also
 reports llmctl with it off ("llmctl_no_lookup_tok_s", "ratio_no_lookup") and what the lookup did ("lookup":
 drafted / accepted tokens, verify passes); batch1 entries add transformers with its own prompt lookup

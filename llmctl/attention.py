@@ -2,7 +2,7 @@
 
 `model.attend` sends plain causal attention here (no KV cache, no mask, no dropout, head size a multiple of 16, fp32
 on CPU: the CPU training and full-forward path, eager or under torch.compile, which keeps the op opaque). Its
-forward and backward run natively (llmctl/csrc/attention.cpp through llmctl/native.py); where the native library
+forward and backward run natively (llmctl/native/csrc/attention.cpp through llmctl.native); where the native library
 can't be had (no compiler, `LLMCTL_NATIVE=0`), or a pass has fewer (batch row, head) tasks than threads, they run
 PyTorch's own CPU flash attention instead, with the same outputs (its log-sum-exp is the same too, so either
 backward follows either forward). The op returns the attention output already as [B, T, H * hd] (what the output

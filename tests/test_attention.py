@@ -1,4 +1,4 @@
-"""llmctl::causal_attention (llmctl/attention.py, llmctl/csrc/attention.cpp): fp32 CPU causal attention with its
+"""llmctl::causal_attention (llmctl/attention.py, llmctl/native/csrc/attention.cpp): fp32 CPU causal attention with its
 own backward, for training and full forwards; natively where the library builds, through PyTorch's CPU flash
 attention otherwise. Both must give torch's scaled_dot_product_attention, forward and gradients."""
 

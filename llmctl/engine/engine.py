@@ -36,7 +36,7 @@ from llmctl.engine.beam import beam_search
 from llmctl.engine.lookup import BATCH_DRAFT, Lookup
 from llmctl.engine.sampling import Sampler, SamplingParams, accepted
 from llmctl.engine.step import FastDecode
-from llmctl.model import KVCache
+from llmctl.model import KVCache, Transformer, unwrap
 
 
 @dataclass
@@ -144,7 +144,7 @@ class Engine:
             raise ValueError(f"prompt_lookup must be an integer >= 0, got {prompt_lookup!r}")
         self.prompt_lookup = prompt_lookup
         self.stats = {"lookup_steps": 0, "drafted": 0, "accepted": 0}  # speculative decoding, since creation
-        self.model = _base(model)
+        self.model = unwrap(model, Transformer)  # LoRA layers stay active inside
         self.fast = FastDecode(self.model, share_weights) if fast and FastDecode.supported(self.model) else None
         self.compiled = None
         if compile and self.fast is not None:
@@ -428,15 +428,6 @@ class Engine:
                     text = text[:-k]
                     break
         return text
-
-
-def _base(model):
-    """The llmctl Transformer inside peft / torch.compile / DDP wrappers (LoRA layers stay active)."""
-    if hasattr(model, "get_base_model"):
-        model = model.get_base_model()
-    while hasattr(model, "_orig_mod") or hasattr(model, "module"):
-        model = getattr(model, "_orig_mod", None) or model.module
-    return model
 
 
 def _drain(gen):
