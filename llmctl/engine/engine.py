@@ -36,7 +36,7 @@ from llmctl.engine.beam import beam_search
 from llmctl.engine.lookup import BATCH_DRAFT, Lookup
 from llmctl.engine.sampling import Sampler, SamplingParams, accepted
 from llmctl.engine.step import FastDecode
-from llmctl.model import KVCache, Transformer, unwrap
+from llmctl.model import KVCache, unwrap
 
 
 @dataclass
@@ -144,7 +144,7 @@ class Engine:
             raise ValueError(f"prompt_lookup must be an integer >= 0, got {prompt_lookup!r}")
         self.prompt_lookup = prompt_lookup
         self.stats = {"lookup_steps": 0, "drafted": 0, "accepted": 0}  # speculative decoding, since creation
-        self.model = unwrap(model, Transformer)  # LoRA layers stay active inside
+        self.model = unwrap(model)  # inside compile / DDP / peft wrappers; LoRA layers stay active
         self.fast = FastDecode(self.model, share_weights) if fast and FastDecode.supported(self.model) else None
         self.compiled = None
         if compile and self.fast is not None:
