@@ -1,6 +1,6 @@
 """Causal self-attention for fp32 on CPU as one custom op, `llmctl::causal_attention`, with its own backward.
 
-`model.attend` sends plain causal attention here (no KV cache, no mask, no dropout, head size a multiple of 16, fp32
+`attend` (below: the model's attention, over a KV cache, masks, scales and soft-capping) sends plain causal attention here (no KV cache, no mask, no dropout, head size a multiple of 16, fp32
 on CPU: the CPU training and full-forward path, eager or under torch.compile, which keeps the op opaque). Its
 forward and backward run natively (llmctl/native/csrc/attention.cpp through llmctl.native); where the native library
 can't be had (no compiler, `LLMCTL_NATIVE=0`), or a pass has fewer (batch row, head) tasks than threads, they run
@@ -11,8 +11,11 @@ projection reads) and each query row's log-sum-exp, which the backward uses in p
 
 from __future__ import annotations
 
+import contextlib
+
 import numpy as np
 import torch
+import torch.nn.functional as F
 
 from llmctl import native
 
@@ -111,3 +114,77 @@ def applies(q: torch.Tensor, k: torch.Tensor, mask, cache, dropout_p: float) -> 
     return (mask is None and cache is None and dropout_p == 0.0 and q.device.type == "cpu"
             and q.dtype == torch.float32 and k.dtype == torch.float32 and q.size(2) > 1 and q.size(-1) % 16 == 0
             and q.size(1) % k.size(1) == 0 and q.size(2) == k.size(2))  # fmt: skip
+
+
+# ------------------------------------------------------------------------------------ the model's attention
+
+try:  # Intel AMX makes bf16 matmuls and attention fast on CPU; without it fp32 attention is faster than bf16
+    CPU_HAS_AMX = bool(torch._C._cpu._init_amx())
+except Exception:
+    CPU_HAS_AMX = False
+
+
+class KVCache:
+    """Static key/value buffers per layer, [B, nkv, max_len, hd], and `pos`: how many positions are filled.
+
+    `Transformer.forward(idx, cache=cache)` writes the new keys/values at `pos`, attends to everything before,
+    then advances `pos`. `reorder(idx)` selects batch rows (beam search); `reset()` empties it.
+    """
+
+    def __init__(self, n_layer, batch_size, n_kv_head, max_len, head_dim, *, device=None, dtype=None):
+        shape = (batch_size, n_kv_head, max_len, head_dim)
+        self.k = [torch.zeros(shape, device=device, dtype=dtype) for _ in range(n_layer)]
+        self.v = [torch.zeros(shape, device=device, dtype=dtype) for _ in range(n_layer)]
+        self.pos = 0
+
+    @property
+    def max_len(self) -> int:
+        return self.k[0].size(2)
+
+    def update(self, layer: int, k: torch.Tensor, v: torch.Tensor):
+        """Store k, v [B, nkv, T, hd] at positions pos..pos+T; return all keys/values so far [B, nkv, P+T, hd]."""
+        end = self.pos + k.size(2)
+        if end > self.max_len:
+            raise ValueError(f"KV cache full: {end} positions needed, max_len is {self.max_len}")
+        self.k[layer][:, :, self.pos : end] = k
+        self.v[layer][:, :, self.pos : end] = v
+        return self.k[layer][:, :, :end], self.v[layer][:, :, :end]
+
+    def reorder(self, batch_idx: torch.Tensor) -> None:
+        for buf in self.k + self.v:
+            buf.copy_(buf.index_select(0, batch_idx))
+
+    def reset(self) -> None:
+        self.pos = 0
+
+
+def attend(q, k, v, mask, cache, layer_idx, dropout_p, scale=None, softcap=None):
+    """Causal attention, q [B, nh, T, hd], k/v [B, nkv, T, hd] -> [B, T, nh*hd]; nkv < nh: grouped-query.
+    mask None: plain causal (a single new token: all cached); else bool [*, 1, T, P+T], True = attend.
+    scale: None = hd ** -0.5; softcap: scores -> softcap * tanh(scores / softcap) before the mask (Gemma 2)."""
+    B, nh, T, hd = q.shape
+    if cache is not None:
+        k, v = cache.update(layer_idx, k, v)  # [B, nkv, P+T, hd]
+        k, v = k.to(q.dtype), v.to(q.dtype)
+    dtype, upcast = q.dtype, q.device.type == "cpu" and not CPU_HAS_AMX
+    upcast = upcast and (dtype != torch.float32 or torch.is_autocast_enabled("cpu"))
+    if upcast:  # CPU without AMX: bf16/fp16 flash attention is slower than fp32
+        q, k, v = q.float(), k.float(), v.float()
+    if softcap is not None:  # no fused kernel computes this: the explicit formulation, softmax in fp32
+        k, v = k.repeat_interleave(nh // k.size(1), 1), v.repeat_interleave(nh // v.size(1), 1)
+        s = torch.matmul(q, k.transpose(2, 3)) * (hd**-0.5 if scale is None else scale)
+        s = torch.tanh(s / softcap) * softcap
+        if mask is not None or T > 1:
+            m = mask if mask is not None else torch.ones(T, k.size(2), dtype=torch.bool, device=q.device).tril(k.size(2) - T)
+            s = s.masked_fill(~m, torch.finfo(s.dtype).min)
+        p = F.dropout(F.softmax(s, dim=-1, dtype=torch.float32).to(q.dtype), dropout_p, dropout_p > 0)
+        return torch.matmul(p, v).transpose(1, 2).reshape(B, T, nh * hd).to(dtype)
+    if scale is None and applies(q, k, mask, cache, dropout_p):  # fp32 CPU training: llmctl's kernels
+        return causal_attention(q, k, v)[0].to(dtype)
+    causal = mask is None
+    if T == 1:  # (a branch, not `and T > 1`: under dynamic shapes that would be a SymBool, which SDPA refuses)
+        causal = False  # one new token sees its whole cache
+    with torch.autocast("cpu", enabled=False) if upcast else contextlib.nullcontext():
+        y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, dropout_p=dropout_p, is_causal=causal,
+                                           enable_gqa=k.size(1) != nh, scale=scale)  # fmt: skip
+    return y.transpose(1, 2).reshape(B, T, nh * hd).to(dtype)  # [B, T, nh*hd]

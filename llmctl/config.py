@@ -14,7 +14,6 @@ override names one that does not exist, that is an error.
 from __future__ import annotations
 
 import dataclasses
-import math
 import sys
 import typing
 from dataclasses import dataclass, field
@@ -24,74 +23,10 @@ from typing import Optional
 import yaml
 
 from llmctl.errors import UserError
-from llmctl.schema import (bounded, check_fields, choice, field_meta, from_dict, get_path, is_section, keys_of,
+from llmctl.schema import (bounded, choice, field_meta, from_dict, get_path, is_section, keys_of,
                            load_yaml, optional_file, parse_override, set_path, unknown_key)  # fmt: skip
 
-ARCHS = ("llama", "gpt2")
-
-
-# ------------------------------------------------------------------------------------------- the model
-
-
-def llama_intermediate_size(n_embd: int, multiple_of: int = 64) -> int:
-    """SwiGLU hidden size: 8/3 * n_embd (same parameter count as a 4x GELU MLP), rounded up to a multiple of 64."""
-    return multiple_of * math.ceil(8 * n_embd / 3 / multiple_of)
-
-
-@dataclass
-class ModelConfig:
-    """The architecture: the one model config (recipes' model section, config.json, the Transformer). Every field
-    declares its domain (schema.py); __post_init__ fills the derived defaults (None -> a value) and checks the
-    combination, naming the key (ValueError; a recipe turns it into a UserError, so --dry-run catches it)."""
-
-    arch: str = choice("llama", *ARCHS)  # llama (RoPE, RMSNorm, SwiGLU, GQA); gpt2 (learned positions, LayerNorm, GELU)
-    vocab_size: int = bounded(32000, ge=1)
-    n_layer: int = bounded(12, ge=1)
-    n_head: int = bounded(12, ge=1)
-    n_embd: int = bounded(768, ge=1)  # a multiple of n_head (llama: of 2 n_head, for rotary embeddings)
-    n_kv_head: Optional[int] = bounded(None, ge=1)  # None -> n_head; fewer = grouped-query attention (llama only)
-    head_dim: Optional[int] = bounded(None, ge=1)  # None -> n_embd // n_head
-    intermediate_size: Optional[int] = bounded(None, ge=1)  # None -> llama: llama_intermediate_size; gpt2: 4 n_embd
-    block_size: int = bounded(1024, ge=1)  # maximum number of positions
-    rope_theta: float = bounded(10000.0, gt=0)
-    norm_eps: float = bounded(1e-5, gt=0)
-    qkv_bias: bool = False  # biases on q/k/v projections (Qwen2); gpt2 always has biases
-    attn_out_bias: bool = False  # bias on o_proj as well (Llama's attention_bias=True sets both)
-    tie_embeddings: Optional[bool] = None  # None -> llama False, gpt2 True
-    dropout: float = bounded(0.0, ge=0, lt=1)  # attention probabilities, residual branches (and gpt2 embeddings)
-    bos_token_id: Optional[int] = bounded(None, ge=0)
-    eos_token_id: Optional[int] = bounded(None, ge=0)
-    pad_token_id: Optional[int] = bounded(None, ge=0)
-    init_std: float = bounded(0.02, gt=0)
-
-    def __post_init__(self):
-        check_fields(self, "model.")
-        nh = self.n_head
-        if self.head_dim is None:
-            if self.n_embd % nh:
-                raise ValueError(f"model.n_embd: must be a multiple of model.n_head ({nh}), got {self.n_embd} "
-                                 f"({self.n_embd} is not divisible by {nh})")
-            self.head_dim = self.n_embd // nh
-            if self.arch == "llama" and self.head_dim % 2:
-                raise ValueError(f"model.n_embd: llama needs an even head size n_embd / n_head (rotary "
-                                 f"embeddings), got {self.n_embd} / {nh} = {self.head_dim}")
-        elif self.arch == "llama" and self.head_dim % 2:
-            raise ValueError(f"model.head_dim: must be even (rotary embeddings), got {self.head_dim}")
-        if self.n_kv_head is None:
-            self.n_kv_head = nh
-        if nh % self.n_kv_head:
-            raise ValueError(f"model.n_kv_head: must divide model.n_head ({nh}), got {self.n_kv_head}")
-        if self.arch == "gpt2" and self.n_kv_head != nh:
-            raise ValueError(f"model.n_kv_head: gpt2 has no grouped-query attention (n_kv_head must be null or "
-                             f"model.n_head = {nh}), got {self.n_kv_head}")
-        if self.arch == "gpt2" and self.head_dim * nh != self.n_embd:
-            raise ValueError("model.head_dim: gpt2 needs head_dim * n_head == n_embd")
-        if self.intermediate_size is None:
-            self.intermediate_size = 4 * self.n_embd if self.arch == "gpt2" else llama_intermediate_size(self.n_embd)
-        if self.tie_embeddings is None:
-            self.tie_embeddings = self.arch == "gpt2"
-        if self.attn_out_bias and not self.qkv_bias:
-            raise ValueError("model.attn_out_bias: needs model.qkv_bias (no HF architecture has an o_proj bias alone)")
+from llmctl.arch import ARCHS, ModelConfig, llama_intermediate_size  # noqa: F401  (the model section's type)
 
 
 # ------------------------------------------------------------------------------------------- sections

@@ -26,12 +26,12 @@ from llmctl.config import ModelConfig
 from llmctl.model import Transformer, unwrap
 
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "chat_template.jinja")
-LLAMA_TYPES = ("llama", "mistral", "qwen2")
 GPT2_CONV1D = re.compile(r"\.(attn\.c_attn|attn\.c_proj|mlp\.c_fc|mlp\.c_proj)\.weight$")
 # buffers some older HF checkpoints contain: GPT-2's causal mask, Llama's rotary inverse frequencies
 IGNORED_KEYS = re.compile(r"(\.attn\.(bias|masked_bias)|\.rotary_emb\.inv_freq)$")
 DEFAULT_RMS_EPS = 1e-6  # LlamaConfig / MistralConfig / Qwen2Config default
-DEFAULT_MAX_POS = {"llama": 2048, "mistral": 131072, "qwen2": 32768}
+DEFAULT_MAX_POS = {"llama": 2048, "mistral": 131072, "qwen2": 32768, "qwen3": 32768, "gemma": 8192, "gemma2": 8192,
+                   "gemma3_text": 131072, "phi3": 4096, "smollm3": 32768}  # fmt: skip
 
 
 def _dtype_name(dtype: torch.dtype) -> str:
@@ -50,8 +50,32 @@ def _as_dtype(dtype) -> torch.dtype:
 # ---------------------------------------------------------------------------------------------------- config.json
 
 
+# One table maps each Hugging Face model_type onto ModelConfig's feature switches (reading) and back (writing):
+# `features` are the family's fixed switches; `read(d)` the switches its config.json sets; every family shares
+# Llama's module names (Phi-3's fused qkv_proj / gate_up_proj included), so weights map 1:1 both ways.
+FAMILIES = {
+    "llama": dict(arch="LlamaForCausalLM"),
+    "mistral": dict(arch="MistralForCausalLM"),
+    "qwen2": dict(arch="Qwen2ForCausalLM", features=dict(qkv_bias=True)),
+    "qwen3": dict(arch="Qwen3ForCausalLM", features=dict(qk_norm="head")),
+    "gemma": dict(arch="GemmaForCausalLM", features=dict(norm="rms1p", mlp="geglu", embed_scale="sqrt")),
+    "gemma2": dict(arch="Gemma2ForCausalLM", features=dict(norm="rms1p", norm_layout="sandwich", mlp="geglu",
+                                                           embed_scale="sqrt")),
+    "gemma3_text": dict(arch="Gemma3ForCausalLM", features=dict(norm="rms1p", norm_layout="sandwich", mlp="geglu",
+                                                                embed_scale="sqrt", qk_norm="head")),
+    "olmo2": dict(arch="Olmo2ForCausalLM", features=dict(norm_layout="post", qk_norm="proj")),
+    "phi3": dict(arch="Phi3ForCausalLM", features=dict(fused_qkv=True, fused_gate_up=True)),
+    "granite": dict(arch="GraniteForCausalLM"),
+    "smollm3": dict(arch="SmolLM3ForCausalLM"),
+}
+MOE_TYPES = ("mixtral", "qwen2_moe", "qwen3_moe", "olmoe", "granitemoe", "phimoe", "deepseek_v2", "deepseek_v3",
+             "dbrx", "jamba", "llama4", "gpt_oss")  # fmt: skip
+GELU_TANH = ("gelu_pytorch_tanh", "gelu_new", "gelu_fast")
+LLAMA_TYPES = tuple(FAMILIES)
+
+
 def config_to_hf(cfg: ModelConfig, dtype: torch.dtype = torch.float32) -> dict:
-    """The config.json dict transformers needs to rebuild `cfg` (read by both transformers 4.x and 5.x)."""
+    """The config.json dict transformers needs to rebuild `cfg` as its family (read by transformers 4.x and 5.x)."""
     common = dict(
         vocab_size=cfg.vocab_size, bos_token_id=cfg.bos_token_id, eos_token_id=cfg.eos_token_id,
         pad_token_id=cfg.pad_token_id, tie_word_embeddings=cfg.tie_embeddings, initializer_range=cfg.init_std,
@@ -65,19 +89,44 @@ def config_to_hf(cfg: ModelConfig, dtype: torch.dtype = torch.float32) -> dict:
             embd_pdrop=cfg.dropout, attn_pdrop=cfg.dropout, scale_attn_weights=True,
             scale_attn_by_inverse_layer_idx=False, reorder_and_upcast_attn=False, **common,
         )  # fmt: skip
+    mt = cfg.model_type or ("qwen2" if cfg.qkv_bias and not cfg.attn_out_bias else "llama")
+    rope = {"rope_type": cfg.rope_type, "rope_theta": cfg.rope_theta, **(cfg.rope_scaling or {})}
+    if cfg.partial_rotary_factor != 1:
+        rope["partial_rotary_factor"] = cfg.partial_rotary_factor
     d = dict(
-        hidden_size=cfg.n_embd, intermediate_size=cfg.intermediate_size, num_hidden_layers=cfg.n_layer,
-        num_attention_heads=cfg.n_head, num_key_value_heads=cfg.n_kv_head, head_dim=cfg.head_dim,
-        hidden_act="silu", max_position_embeddings=cfg.block_size, rms_norm_eps=cfg.norm_eps,
-        rope_theta=cfg.rope_theta, rope_parameters={"rope_type": "default", "rope_theta": cfg.rope_theta},
-        rope_scaling=None, attention_dropout=cfg.dropout, **common,
+        architectures=[FAMILIES[mt]["arch"]], model_type=mt, hidden_size=cfg.n_embd,
+        intermediate_size=cfg.intermediate_size, num_hidden_layers=cfg.n_layer, num_attention_heads=cfg.n_head,
+        num_key_value_heads=cfg.n_kv_head, head_dim=cfg.head_dim, max_position_embeddings=cfg.block_size,
+        rms_norm_eps=cfg.norm_eps, rope_theta=cfg.rope_theta, rope_parameters=rope, attention_dropout=cfg.dropout,
+        rope_scaling=None if cfg.rope_type == "default" else {k: v for k, v in rope.items() if k != "rope_theta"},
+        attention_bias=cfg.qkv_bias, mlp_bias=cfg.mlp_bias, sliding_window=cfg.sliding_window,
+        **{"hidden_activation" if mt.startswith("gemma") else "hidden_act":
+           "gelu_pytorch_tanh" if cfg.mlp == "geglu" else "silu"}, **common,
     )  # fmt: skip
-    if cfg.qkv_bias and not cfg.attn_out_bias:  # Llama's attention_bias would add an o_proj bias too
-        d.update(architectures=["Qwen2ForCausalLM"], model_type="qwen2", use_sliding_window=False,
-                 sliding_window=None, max_window_layers=cfg.n_layer)  # fmt: skip
-    else:
-        d.update(architectures=["LlamaForCausalLM"], model_type="llama", attention_bias=cfg.qkv_bias,
-                 mlp_bias=False, pretraining_tp=1)  # fmt: skip
+    if cfg.partial_rotary_factor != 1:
+        d["partial_rotary_factor"] = cfg.partial_rotary_factor
+    if cfg.layer_types:
+        d["layer_types"] = list(cfg.layer_types)
+    if mt in ("qwen2", "qwen3", "smollm3"):
+        d.update(use_sliding_window=cfg.sliding_window is not None, max_window_layers=cfg.n_layer)
+    if mt == "llama":
+        d.update(pretraining_tp=1, attention_bias=cfg.qkv_bias)
+    if mt.startswith("gemma"):
+        q = cfg.head_dim if cfg.attn_scale is None else cfg.attn_scale**-2
+        d.update(query_pre_attn_scalar=round(q) if abs(q - round(q)) < 1e-6 else q,
+                 attn_logit_softcapping=cfg.attn_softcap, final_logit_softcapping=cfg.final_softcap)  # fmt: skip
+    if mt == "gemma3_text":
+        local = {"rope_type": "default", "rope_theta": cfg.rope_local_theta or cfg.rope_theta}
+        d.update(rope_parameters={"full_attention": rope, "sliding_attention": local},
+                 rope_local_base_freq=local["rope_theta"], use_bidirectional_attention=False)  # fmt: skip
+    if mt == "granite":
+        d.update(embedding_multiplier=cfg.embed_scale, residual_multiplier=cfg.residual_scale,
+                 attention_multiplier=cfg.attn_scale or cfg.head_dim**-0.5, logits_scaling=cfg.logits_scale)
+    if mt == "smollm3":
+        d["no_rope_layers"] = list(cfg.no_rope_layers or [1] * cfg.n_layer)
+    if mt == "phi3":
+        d.update(original_max_position_embeddings=(cfg.rope_scaling or {}).get("original_max_position_embeddings",
+                 cfg.block_size), resid_pdrop=cfg.dropout, embd_pdrop=0.0)  # fmt: skip
     return dict(sorted(d.items()))
 
 
@@ -88,15 +137,49 @@ def _first_id(v):
     return v
 
 
-def _rope_theta(d: dict) -> float:
-    rp = d.get("rope_parameters") or {}
-    rs = d.get("rope_scaling") or {}
-    for src, name in ((rp, "rope_parameters"), (rs, "rope_scaling")):
-        kind = src.get("rope_type", src.get("type", "default"))
-        if kind not in (None, "default"):
-            raise UserError(f"unsupported checkpoint: {name} of type {kind!r} (only default RoPE is supported)")
-    theta = rp.get("rope_theta", d.get("rope_theta", 10000.0))
-    return float(theta)
+def _rope(d: dict, mt: str) -> dict:
+    """The ModelConfig RoPE fields of a config.json: HF 5's rope_parameters (per layer type for Gemma 3) or 4's
+    rope_scaling + rope_theta."""
+    rp = dict(d.get("rope_parameters") or d.get("rope_scaling") or {})
+    out = {}
+    if "full_attention" in rp or "sliding_attention" in rp:  # per layer type
+        local = rp.get("sliding_attention") or {}
+        rp = dict(rp.get("full_attention") or {})
+        if local.get("rope_type", local.get("type", "default")) != "default":
+            raise UserError("unsupported checkpoint: scaled RoPE on sliding layers")
+        out["rope_local_theta"] = float(local.get("rope_theta", 10000.0))
+    elif mt == "gemma3_text":
+        out["rope_local_theta"] = float(d.get("rope_local_base_freq", 10000.0))
+    kind = rp.pop("rope_type", rp.pop("type", "default")) or "default"
+    theta = float(rp.pop("rope_theta", d.get("rope_theta", 1e6 if mt == "gemma3_text" else 10000.0)))
+    partial = rp.pop("partial_rotary_factor", d.get("partial_rotary_factor", 1.0))
+    if kind not in ("default", "linear", "dynamic", "yarn", "longrope", "llama3"):
+        raise UserError(f"unsupported checkpoint: RoPE type {kind!r}")
+    if kind in ("llama3", "yarn", "longrope"):
+        rp["original_max_position_embeddings"] = (d.get("original_max_position_embeddings")
+                                                  or rp.get("original_max_position_embeddings")
+                                                  or d.get("max_position_embeddings"))  # fmt: skip
+    return dict(out, rope_type=kind, rope_theta=theta, partial_rotary_factor=float(partial),
+                rope_scaling=rp if kind != "default" else None)  # fmt: skip
+
+
+def _layers(d: dict, mt: str, n: int) -> dict:
+    """Sliding windows per layer (Mistral: all; Qwen: from max_window_layers; Gemma 2/3: layer_types)."""
+    window, types = d.get("sliding_window"), d.get("layer_types")
+    if mt in ("qwen2", "qwen3", "smollm3") and not d.get("use_sliding_window", False):
+        window, types = None, None
+    if mt == "gemma2" and types is None:
+        types = ["sliding_attention" if (i + 1) % 2 else "full_attention" for i in range(n)]
+    if mt == "gemma3_text" and types is None:
+        pattern = d.get("sliding_window_pattern", 6)
+        types = ["sliding_attention" if (i + 1) % pattern else "full_attention" for i in range(n)]
+    if mt in ("qwen2", "qwen3", "smollm3") and window is not None and types is None:
+        types = ["sliding_attention" if i >= d.get("max_window_layers", n) else "full_attention" for i in range(n)]
+    if window is None or (types and "sliding_attention" not in types):
+        return dict(sliding_window=None, layer_types=None)
+    if types and "full_attention" not in types:
+        types = None
+    return dict(sliding_window=int(window), layer_types=types)
 
 
 def config_from_hf(d: dict) -> ModelConfig:
@@ -109,7 +192,7 @@ def config_from_hf(d: dict) -> ModelConfig:
     try:
         if mt == "gpt2":
             act = d.get("activation_function", "gelu_new")
-            if act not in ("gelu_new", "gelu_pytorch_tanh", "gelu_fast"):
+            if act not in GELU_TANH:
                 raise UserError(f"unsupported checkpoint: gpt2 activation_function {act!r} (tanh-approximated GELU only)")
             if not d.get("scale_attn_weights", True) or d.get("scale_attn_by_inverse_layer_idx", False):
                 raise UserError("unsupported checkpoint: gpt2 with non-standard attention scaling")
@@ -121,26 +204,41 @@ def config_from_hf(d: dict) -> ModelConfig:
                 norm_eps=d.get("layer_norm_epsilon", 1e-5), tie_embeddings=d.get("tie_word_embeddings", True),
                 dropout=d.get("resid_pdrop", 0.0), init_std=d.get("initializer_range", 0.02), **ids,
             )  # fmt: skip
-        if mt in LLAMA_TYPES:
-            act = d.get("hidden_act", "silu")
-            if act not in ("silu", "swish"):
-                raise UserError(f"unsupported checkpoint: hidden_act {act!r} (SwiGLU with silu only)")
-            if d.get("mlp_bias", False):
-                raise UserError("unsupported checkpoint: mlp_bias (biases in the MLP)")
-            block_size = d.get("max_position_embeddings", DEFAULT_MAX_POS[mt])
-            window = d.get("sliding_window")
-            if mt == "qwen2" and not d.get("use_sliding_window", False):
-                window = None
-            if window is not None and window < block_size:  # exact as long as sequences fit in the window
-                block_size = window
-            qkv_bias = {"qwen2": True, "mistral": False}.get(mt, d.get("attention_bias", False))
+        if mt in MOE_TYPES:
+            raise UserError(f"unsupported checkpoint: model_type {mt!r} is a mixture of experts (not supported yet)")
+        if mt in FAMILIES:
+            f = dict(FAMILIES[mt].get("features", {}))
+            gemma = mt.startswith("gemma")
+            act = d.get("hidden_activation", d.get("hidden_act")) if gemma else d.get("hidden_act", "silu")
+            if act in GELU_TANH or (gemma and act is None):
+                f["mlp"] = "geglu"
+            elif act not in ("silu", "swish"):
+                raise UserError(f"unsupported checkpoint: hidden_act {act!r} (gated MLP with silu or tanh GELU only)")
+            n, C, nh = d["num_hidden_layers"], d["hidden_size"], d["num_attention_heads"]
+            hd = d.get("head_dim") or C // nh
+            bias = d.get("attention_bias", False)
+            if f.pop("embed_scale", None) == "sqrt":
+                f["embed_scale"] = C**0.5
+            if gemma:
+                f.update(attn_scale=d.get("query_pre_attn_scalar", hd) ** -0.5, final_softcap=d.get("final_logit_softcapping"))
+                if mt == "gemma2":
+                    f["attn_softcap"] = d.get("attn_logit_softcapping")
+            if mt == "granite":
+                f.update(embed_scale=float(d.get("embedding_multiplier", 1.0)), attn_scale=float(d.get("attention_multiplier", 1.0)),
+                         residual_scale=float(d.get("residual_multiplier", 1.0)), logits_scale=float(d.get("logits_scaling", 1.0)))  # fmt: skip
+            if mt == "smollm3":
+                nope = d.get("no_rope_layers") or [int((i + 1) % d.get("no_rope_layer_interval", 4) != 0) for i in range(n)]
+                f["no_rope_layers"] = None if all(nope) else nope
+            qkv_bias, out_bias = f.pop("qkv_bias", bias), bias and mt != "qwen2"
+            default = "qwen2" if qkv_bias and not out_bias else "llama"  # what a model llmctl pretrains saves as
             return ModelConfig(
-                arch="llama", vocab_size=d["vocab_size"], n_layer=d["num_hidden_layers"],
-                n_head=d["num_attention_heads"], n_kv_head=d.get("num_key_value_heads"), n_embd=d["hidden_size"],
-                head_dim=d.get("head_dim"), intermediate_size=d["intermediate_size"], block_size=block_size,
-                rope_theta=_rope_theta(d), norm_eps=d.get("rms_norm_eps", DEFAULT_RMS_EPS), qkv_bias=qkv_bias,
-                attn_out_bias=qkv_bias and mt == "llama", tie_embeddings=d.get("tie_word_embeddings", False),
-                dropout=d.get("attention_dropout", 0.0) or 0.0, init_std=d.get("initializer_range", 0.02), **ids,
+                arch="llama", model_type=None if mt == default else mt, vocab_size=d["vocab_size"], n_layer=n, n_head=nh,
+                n_kv_head=d.get("num_key_value_heads"), n_embd=C, head_dim=hd, intermediate_size=d["intermediate_size"],
+                block_size=d.get("max_position_embeddings", DEFAULT_MAX_POS.get(mt, 2048)),
+                norm_eps=d.get("rms_norm_eps", DEFAULT_RMS_EPS), qkv_bias=qkv_bias, attn_out_bias=out_bias, mlp_bias=d.get("mlp_bias", False),
+                tie_embeddings=d.get("tie_word_embeddings", gemma or mt == "smollm3"),
+                dropout=d.get("attention_dropout", 0.0) or 0.0, init_std=d.get("initializer_range", 0.02),
+                **_rope(d, mt), **_layers(d, mt, n), **f, **ids,
             )  # fmt: skip
     except KeyError as e:
         raise UserError(f"incompatible checkpoint: config.json has no {e.args[0]!r}") from None

@@ -18,7 +18,8 @@ from llmctl.checkpoint import atomic_write
 from llmctl.errors import UserError
 
 PRESETS = {
-    "llama": {"attention": ["q_proj", "k_proj", "v_proj", "o_proj"], "mlp": ["gate_proj", "up_proj", "down_proj"]},
+    "llama": {"attention": ["q_proj", "k_proj", "v_proj", "qkv_proj", "o_proj"],  # fused ones: Phi-3
+              "mlp": ["gate_proj", "up_proj", "gate_up_proj", "down_proj"]},
     "gpt2": {"attention": ["attn.c_attn", "attn.c_proj"], "mlp": ["mlp.c_fc", "mlp.c_proj"]},
 }
 ADAPTER_FILES = ("adapter_config.json", "adapter_model.safetensors")
@@ -27,13 +28,12 @@ ADAPTER_FILES = ("adapter_config.json", "adapter_model.safetensors")
 def target_modules(model, spec: str) -> list[str]:
     """A preset (attention, mlp, all-linear) or comma-separated module names -> peft target_modules."""
     presets = PRESETS[model.config.arch]
-    if spec == "all-linear":
-        names = presets["attention"] + presets["mlp"]
-    elif spec in presets:
-        names = presets[spec]
+    linear = [n for n, m in model.named_modules() if isinstance(m, torch.nn.Linear)]
+    if spec in ("all-linear", *presets):
+        names = presets["attention"] + presets["mlp"] if spec == "all-linear" else presets[spec]
+        names = [t for t in names if any(n.endswith("." + t) for n in linear)]  # the family's own names
     else:
         names = [s.strip() for s in spec.split(",") if s.strip()]
-    linear = [n for n, m in model.named_modules() if isinstance(m, torch.nn.Linear)]
     for t in names:
         if not any(n == t or n.endswith("." + t) for n in linear):
             known = sorted({n.rsplit(".", 1)[-1] for n in linear})

@@ -14,21 +14,17 @@ B batch, T new tokens, P tokens already in the KV cache, C n_embd, nh/nkv query/
 
 from __future__ import annotations
 
-import contextlib
 import math
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
 from torch.utils.checkpoint import checkpoint
 
-from llmctl import attention as cpu_attention
 from llmctl import ops
-from llmctl.config import ModelConfig
+from llmctl.arch import ModelConfig
+from llmctl.attention import CPU_HAS_AMX, KVCache, attend  # noqa: F401  (the model's names for them)
+from llmctl.rope import apply_rope, rope_inv_freq
 
-try:  # Intel AMX makes bf16 matmuls and attention fast on CPU; without it fp32 attention is faster than bf16
-    CPU_HAS_AMX = bool(torch._C._cpu._init_amx())
-except Exception:
-    CPU_HAS_AMX = False
 
 
 def unwrap(model: nn.Module, kind: type | None = None) -> nn.Module:
@@ -48,90 +44,27 @@ def unwrap(model: nn.Module, kind: type | None = None) -> nn.Module:
     return model
 
 
-class KVCache:
-    """Static key/value buffers per layer, [B, nkv, max_len, hd], and `pos`: how many positions are filled.
-
-    `Transformer.forward(idx, cache=cache)` writes the new keys/values at `pos`, attends to everything before,
-    then advances `pos`. `reorder(idx)` selects batch rows (beam search); `reset()` empties it.
-    """
-
-    def __init__(self, n_layer, batch_size, n_kv_head, max_len, head_dim, *, device=None, dtype=None):
-        shape = (batch_size, n_kv_head, max_len, head_dim)
-        self.k = [torch.zeros(shape, device=device, dtype=dtype) for _ in range(n_layer)]
-        self.v = [torch.zeros(shape, device=device, dtype=dtype) for _ in range(n_layer)]
-        self.pos = 0
-
-    @property
-    def max_len(self) -> int:
-        return self.k[0].size(2)
-
-    def update(self, layer: int, k: torch.Tensor, v: torch.Tensor):
-        """Store k, v [B, nkv, T, hd] at positions pos..pos+T; return all keys/values so far [B, nkv, P+T, hd]."""
-        end = self.pos + k.size(2)
-        if end > self.max_len:
-            raise ValueError(f"KV cache full: {end} positions needed, max_len is {self.max_len}")
-        self.k[layer][:, :, self.pos : end] = k
-        self.v[layer][:, :, self.pos : end] = v
-        return self.k[layer][:, :, :end], self.v[layer][:, :, :end]
-
-    def reorder(self, batch_idx: torch.Tensor) -> None:
-        for buf in self.k + self.v:
-            buf.copy_(buf.index_select(0, batch_idx))
-
-    def reset(self) -> None:
-        self.pos = 0
-
-
-def attend(q, k, v, mask, cache, layer_idx, dropout_p):
-    """Causal attention, q [B, nh, T, hd], k/v [B, nkv, T, hd] -> [B, T, nh*hd]; nkv < nh: grouped-query.
-    mask None: plain causal (a single new token: all cached); else bool [*, 1, T, P+T], True = attend."""
-    B, nh, T, hd = q.shape
-    if cache is not None:
-        k, v = cache.update(layer_idx, k, v)  # [B, nkv, P+T, hd]
-        k, v = k.to(q.dtype), v.to(q.dtype)
-    dtype, upcast = q.dtype, q.device.type == "cpu" and not CPU_HAS_AMX
-    upcast = upcast and (dtype != torch.float32 or torch.is_autocast_enabled("cpu"))
-    if upcast:  # CPU without AMX: bf16/fp16 flash attention is slower than fp32
-        q, k, v = q.float(), k.float(), v.float()
-    if cpu_attention.applies(q, k, mask, cache, dropout_p):  # fp32 CPU training / full forward: llmctl's kernels
-        return cpu_attention.causal_attention(q, k, v)[0].to(dtype)
-    causal = mask is None
-    if T == 1:  # (a branch, not `and T > 1`: under dynamic shapes that would be a SymBool, which SDPA refuses)
-        causal = False  # one new token sees its whole cache
-    with torch.autocast("cpu", enabled=False) if upcast else contextlib.nullcontext():
-        y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, dropout_p=dropout_p, is_causal=causal,
-                                           enable_gqa=k.size(1) != nh)  # fmt: skip
-    return y.transpose(1, 2).reshape(B, T, nh * hd).to(dtype)  # [B, T, nh*hd]
-
-
 # ---------------------------------------------------------------------------------------------------- llama family
 
 
 class RMSNorm(nn.Module):
-    """RMSNorm computed in fp32 and cast back before the weight, exactly like HF's LlamaRMSNorm."""
+    """RMSNorm computed in fp32, exactly like HF's: Llama casts back before the weight (x * w); Gemma's variant
+    (`offset`, its weights start at 0) multiplies by (1 + w) in fp32 and casts after."""
 
-    def __init__(self, dim: int, eps: float):
+    def __init__(self, dim: int, eps: float, offset: bool = False):
         super().__init__()
-        self.weight = nn.Parameter(torch.ones(dim))
-        self.eps = eps
+        self.weight = nn.Parameter(torch.zeros(dim) if offset else torch.ones(dim))
+        self.eps, self.offset = eps, offset
 
     def forward(self, x):
-        if _eager_training() and (x.requires_grad or self.weight.requires_grad):
+        if not self.offset and _eager_training() and (x.requires_grad or self.weight.requires_grad):
             return ops.RMSNormFn.apply(x, self.weight, self.eps)
         dtype = x.dtype
         x = x.float()
         x = x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + self.eps)
+        if self.offset:
+            return (x * (1.0 + self.weight.float())).to(dtype)
         return self.weight * x.to(dtype)
-
-
-def rotate_half(x):
-    x1, x2 = x.chunk(2, dim=-1)
-    return torch.cat((-x2, x1), dim=-1)
-
-
-def apply_rope(x, cos, sin):
-    """HF's rotate_half convention (weights need no permutation). x [B, nh, T, hd]; cos/sin [T, hd] or [B, 1, T, hd]"""
-    return x * cos + rotate_half(x) * sin
 
 
 def _eager_training() -> bool:
@@ -141,25 +74,48 @@ def _eager_training() -> bool:
 
 
 class LlamaAttention(nn.Module):
+    """Llama's attention and its families' switches: fused qkv_proj (Phi-3), q/k norms per head (Qwen3, Gemma 3) or
+    over the projection (OLMo 2), partial or no RoPE, a sliding window (in the mask), scale and soft-capping."""
+
     def __init__(self, cfg: ModelConfig, layer_idx: int):
         super().__init__()
         C, nh, nkv, hd = cfg.n_embd, cfg.n_head, cfg.n_kv_head, cfg.head_dim
-        self.q_proj = nn.Linear(C, nh * hd, bias=cfg.qkv_bias)
-        self.k_proj = nn.Linear(C, nkv * hd, bias=cfg.qkv_bias)
-        self.v_proj = nn.Linear(C, nkv * hd, bias=cfg.qkv_bias)
+        if cfg.fused_qkv:
+            self.qkv_proj = nn.Linear(C, (nh + 2 * nkv) * hd, bias=cfg.qkv_bias)
+        else:
+            self.q_proj = nn.Linear(C, nh * hd, bias=cfg.qkv_bias)
+            self.k_proj = nn.Linear(C, nkv * hd, bias=cfg.qkv_bias)
+            self.v_proj = nn.Linear(C, nkv * hd, bias=cfg.qkv_bias)
         self.o_proj = nn.Linear(nh * hd, C, bias=cfg.attn_out_bias)
+        self.qk_norm = cfg.qk_norm
+        if cfg.qk_norm:
+            q_dim, k_dim = (hd, hd) if cfg.qk_norm == "head" else (nh * hd, nkv * hd)
+            self.q_norm = RMSNorm(q_dim, cfg.norm_eps, cfg.norm == "rms1p")
+            self.k_norm = RMSNorm(k_dim, cfg.norm_eps, cfg.norm == "rms1p")
         self.nh, self.nkv, self.hd, self.layer_idx, self.dropout = nh, nkv, hd, layer_idx, cfg.dropout
+        self.scale, self.softcap = cfg.attn_scale, cfg.attn_softcap
+        self.fast = cfg.plain  # the fused training path (one qkv matmul, RoPE on q and k in one op) applies
 
     def forward(self, x, rope, mask, cache):
         B, T, _ = x.shape
-        if _eager_training() and ops.fusable(self.q_proj, self.k_proj, self.v_proj):
+        if self.fast and _eager_training() and ops.fusable(self.q_proj, self.k_proj, self.v_proj):
             return self._forward_fused(x, rope, mask, cache)
-        q = self.q_proj(x).view(B, T, self.nh, self.hd).transpose(1, 2)  # [B, nh, T, hd]
-        k = self.k_proj(x).view(B, T, self.nkv, self.hd).transpose(1, 2)  # [B, nkv, T, hd]
-        v = self.v_proj(x).view(B, T, self.nkv, self.hd).transpose(1, 2)  # [B, nkv, T, hd]
-        cos, sin = rope[0].to(q.dtype), rope[1].to(q.dtype)
-        q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
-        y = attend(q, k, v, mask, cache, self.layer_idx, self.dropout if self.training else 0.0)
+        nh, nkv, hd = self.nh, self.nkv, self.hd
+        if hasattr(self, "qkv_proj"):
+            q, k, v = self.qkv_proj(x).split([nh * hd, nkv * hd, nkv * hd], dim=-1)
+        else:
+            q, k, v = self.q_proj(x), self.k_proj(x), self.v_proj(x)
+        if self.qk_norm == "proj":
+            q, k = self.q_norm(q), self.k_norm(k)
+        q, k, v = q.view(B, T, nh, hd), k.view(B, T, nkv, hd), v.view(B, T, nkv, hd)
+        if self.qk_norm == "head":
+            q, k = self.q_norm(q), self.k_norm(k)
+        q, k, v = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)  # [B, heads, T, hd]
+        if rope is not None:
+            cos, sin = rope[0].to(q.dtype), rope[1].to(q.dtype)
+            q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
+        y = attend(q, k, v, mask, cache, self.layer_idx, self.dropout if self.training else 0.0, self.scale,
+                   self.softcap)  # fmt: skip
         return self.o_proj(y)  # [B, T, C]
 
     def _forward_fused(self, x, rope, mask, cache):
@@ -179,28 +135,60 @@ class LlamaAttention(nn.Module):
 
 
 class LlamaMLP(nn.Module):
+    """A gated MLP: down(act(gate(x)) * up(x)), act silu (SwiGLU) or tanh GELU (GeGLU, Gemma); gate and up may be
+    one gate_up_proj (Phi-3: its output's first half is the gate)."""
+
     def __init__(self, cfg: ModelConfig):
         super().__init__()
-        self.gate_proj = nn.Linear(cfg.n_embd, cfg.intermediate_size, bias=False)
-        self.up_proj = nn.Linear(cfg.n_embd, cfg.intermediate_size, bias=False)
-        self.down_proj = nn.Linear(cfg.intermediate_size, cfg.n_embd, bias=False)
+        C, I, bias = cfg.n_embd, cfg.intermediate_size, cfg.mlp_bias
+        if cfg.fused_gate_up:
+            self.gate_up_proj = nn.Linear(C, 2 * I, bias=bias)
+        else:
+            self.gate_proj = nn.Linear(C, I, bias=bias)
+            self.up_proj = nn.Linear(C, I, bias=bias)
+        self.down_proj = nn.Linear(I, C, bias=bias)
+        self.geglu = cfg.mlp == "geglu"
 
-    def forward(self, x):  # SwiGLU
-        return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))
+    def forward(self, x):
+        if hasattr(self, "gate_up_proj"):
+            g, u = self.gate_up_proj(x).chunk(2, dim=-1)
+        else:
+            g, u = self.gate_proj(x), self.up_proj(x)
+        return self.down_proj((F.gelu(g, approximate="tanh") if self.geglu else F.silu(g)) * u)
+
+
+# where each layout puts its norms: (before attention, after attention, before the MLP, after the MLP)
+NORM_NAMES = {
+    "pre": ("input_layernorm", None, "post_attention_layernorm", None),
+    "post": (None, "post_attention_layernorm", None, "post_feedforward_layernorm"),  # OLMo 2
+    "sandwich": ("input_layernorm", "post_attention_layernorm", "pre_feedforward_layernorm",
+                 "post_feedforward_layernorm"),  # Gemma 2 / 3  # fmt: skip
+}
 
 
 class LlamaBlock(nn.Module):
     def __init__(self, cfg: ModelConfig, layer_idx: int):
         super().__init__()
-        self.input_layernorm = RMSNorm(cfg.n_embd, cfg.norm_eps)
+        self.norms = NORM_NAMES[cfg.norm_layout]
+        for name in self.norms[:1]:
+            if name:
+                setattr(self, name, RMSNorm(cfg.n_embd, cfg.norm_eps, cfg.norm == "rms1p"))
         self.self_attn = LlamaAttention(cfg, layer_idx)
-        self.post_attention_layernorm = RMSNorm(cfg.n_embd, cfg.norm_eps)
+        for name in self.norms[1:]:
+            if name:
+                setattr(self, name, RMSNorm(cfg.n_embd, cfg.norm_eps, cfg.norm == "rms1p"))
         self.mlp = LlamaMLP(cfg)
-        self.dropout = cfg.dropout
+        self.dropout, self.residual_scale = cfg.dropout, cfg.residual_scale
+        self.window, self.rope_kind = cfg.window(layer_idx), cfg.uses_rope(layer_idx) and cfg.layer_type(layer_idx)
+
+    def _norm(self, i, x):
+        return x if self.norms[i] is None else getattr(self, self.norms[i])(x)
 
     def forward(self, x, rope, mask, cache):
-        x = x + _drop(self.self_attn(self.input_layernorm(x), rope, mask, cache), self.dropout, self.training)
-        return x + _drop(self.mlp(self.post_attention_layernorm(x)), self.dropout, self.training)
+        h = _drop(self._norm(1, self.self_attn(self._norm(0, x), rope, mask, cache)), self.dropout, self.training)
+        x = x + (h if self.residual_scale == 1 else h * self.residual_scale)
+        h = _drop(self._norm(3, self.mlp(self._norm(2, x))), self.dropout, self.training)
+        return x + (h if self.residual_scale == 1 else h * self.residual_scale)
 
 
 # ------------------------------------------------------------------------------------------------------------ gpt2
@@ -263,7 +251,7 @@ class Transformer(nn.Module):
             self.model = nn.ModuleDict(dict(
                 embed_tokens=nn.Embedding(cfg.vocab_size, cfg.n_embd),
                 layers=nn.ModuleList(LlamaBlock(cfg, i) for i in range(cfg.n_layer)),
-                norm=RMSNorm(cfg.n_embd, cfg.norm_eps),
+                norm=RMSNorm(cfg.n_embd, cfg.norm_eps, cfg.norm == "rms1p"),
             ))  # fmt: skip
         else:
             self.transformer = nn.ModuleDict(dict(
@@ -291,15 +279,37 @@ class Transformer(nn.Module):
             self.lm_head.weight = self.get_input_embeddings().weight
 
     def _init_rope(self) -> None:
-        """cos/sin tables [block_size, hd], computed in fp32 exactly as HF's default rotary embedding does."""
+        """cos/sin tables [block_size, r] (r: the rotary dims of a head), computed in fp32 exactly as HF's rotary
+        embeddings do: `rope_cos` / `rope_sin` for full-attention layers, `rope_*_sliding` where sliding layers
+        have their own base (Gemma 3), `rope_*_long` for longrope's long factors."""
         if self.config.arch != "llama":
             return
         cfg, dev = self.config, self.lm_head.weight.device
-        inv_freq = 1.0 / cfg.rope_theta ** (torch.arange(0, cfg.head_dim, 2, device=dev).float() / cfg.head_dim)
-        freqs = torch.arange(cfg.block_size, device=dev).float()[:, None] * inv_freq  # [block_size, hd/2]
-        emb = torch.cat((freqs, freqs), dim=-1)  # [block_size, hd]
-        self.register_buffer("rope_cos", emb.cos(), persistent=False)
-        self.register_buffer("rope_sin", emb.sin(), persistent=False)
+        tables = {"": (cfg.rope_theta, cfg.rope_type, False)}
+        if cfg.rope_local_theta is not None:
+            tables["_sliding"] = (cfg.rope_local_theta, "default", False)
+        if cfg.rope_type == "longrope":
+            tables["_long"] = (cfg.rope_theta, "longrope", True)
+        for suffix, (theta, kind, long) in tables.items():
+            inv_freq, scale = rope_inv_freq(cfg, theta, kind, long)
+            freqs = torch.arange(cfg.block_size, device=dev).float()[:, None] * inv_freq.to(dev)  # [block_size, r/2]
+            emb = torch.cat((freqs, freqs), dim=-1)  # [block_size, r]
+            self.register_buffer("rope_cos" + suffix, emb.cos() * scale, persistent=False)
+            self.register_buffer("rope_sin" + suffix, emb.sin() * scale, persistent=False)
+
+    def _ropes(self, P: int, T: int, position_ids) -> dict:
+        """Each layer kind's (cos, sin): [T, r], or [B, 1, T, r] with position_ids."""
+        cfg, out = self.config, {}
+        long = cfg.rope_type == "longrope" and (
+            P + T if position_ids is None else int(position_ids.max()) + 1) > cfg.rope_scaling["original_max_position_embeddings"]
+        for kind in {b.rope_kind for b in self.blocks} - {False}:
+            suffix = "_long" if long else "_sliding" if kind == "sliding_attention" and cfg.rope_local_theta else ""
+            cos, sin = getattr(self, "rope_cos" + suffix), getattr(self, "rope_sin" + suffix)
+            if position_ids is None:
+                out[kind] = (cos[P : P + T], sin[P : P + T])  # [T, r]
+            else:
+                out[kind] = (cos[position_ids][:, None], sin[position_ids][:, None])  # [B, 1, T, r]
+        return out
 
     def to_empty(self, *, device, recurse=True):
         """Materialise a model built on the meta device: re-tie embeddings and recompute the RoPE tables."""
@@ -311,7 +321,7 @@ class Transformer(nn.Module):
     @torch.no_grad()
     def init_weights(self) -> None:
         """normal(0, init_std); residual projections (o_proj, down_proj, c_proj) std / sqrt(2 n_layer) as in GPT-2;
-        zero biases; norms weight 1, bias 0."""
+        zero biases; norms the identity (weight 1, Gemma's 0; bias 0)."""
         std = self.config.init_std
         resid_std = std / math.sqrt(2 * self.config.n_layer)
         for name, m in self.named_modules():
@@ -322,7 +332,7 @@ class Transformer(nn.Module):
             elif isinstance(m, nn.Embedding):
                 nn.init.normal_(m.weight, 0.0, std)
             elif isinstance(m, (RMSNorm, nn.LayerNorm)):
-                nn.init.ones_(m.weight)
+                (nn.init.zeros_ if getattr(m, "offset", False) else nn.init.ones_)(m.weight)  # Gemma's 1 + w
                 if getattr(m, "bias", None) is not None:
                     nn.init.zeros_(m.bias)
 
@@ -358,17 +368,22 @@ class Transformer(nn.Module):
         return KVCache(cfg.n_layer, batch_size, cfg.n_kv_head, max_len, cfg.head_dim,
                        device=device or w.device, dtype=dtype or w.dtype)  # fmt: skip
 
-    def _mask(self, T, P, attn_mask, device):
+    def _mask(self, T, P, attn_mask, device, window=None, position_ids=None):
         """None (plain causal / single token) or bool [B or 1, 1, T, P+T], True = attend.
 
         attn_mask: optional bool/0-1 [B, P+T] key mask (False = padding, e.g. left padding) or a full bool mask
         broadcastable to [B, 1, T, P+T]; it is combined with causality. Every query may attend to itself, so
-        padding rows never become all-masked (NaN)."""
-        if attn_mask is None and (P == 0 or T == 1):
+        padding rows never become all-masked (NaN). window: a sliding window, key j seen from query i only when
+        j > i - window, counted in cache slots as HF's masks are (left padding shifts query and key alike)."""
+        if window is not None and P + T <= window:
+            window = None  # nothing is out of reach: plain causal
+        if attn_mask is None and window is None and (P == 0 or T == 1):
             return None
         i = torch.arange(P, P + T, device=device)[:, None]  # absolute query positions [T, 1]
         j = torch.arange(P + T, device=device)[None, :]  # key positions [1, P+T]
         m = j <= i  # [T, P+T]
+        if window is not None:
+            m = m & (j > i - window)
         if attn_mask is not None:
             am = attn_mask.bool()
             m = m & (am[:, None, None, :] if am.dim() == 2 else am)
@@ -376,6 +391,15 @@ class Transformer(nn.Module):
         return m if m.dim() == 4 else m[None, None]
 
     # --- forward ---
+
+    def logits(self, y):
+        """The lm_head's output as logits (fp32): Granite's scaling, Gemma 2's final soft-capping."""
+        cfg, y = self.config, y.float()
+        if cfg.logits_scale != 1:
+            y = y / cfg.logits_scale
+        if cfg.final_softcap is not None:
+            y = torch.tanh(y / cfg.final_softcap) * cfg.final_softcap
+        return y
 
     def forward(self, idx, targets=None, *, position_ids=None, cache=None, attn_mask=None, return_hidden=False):
         """idx [B, T] token ids. Returns logits [B, T, vocab] (fp32); with targets [B, T] (already shifted,
@@ -388,17 +412,17 @@ class Transformer(nn.Module):
             raise ValueError(f"sequence of {P + T} positions exceeds block_size {cfg.block_size}")
         if cfg.arch == "llama":
             x = self.model.embed_tokens(idx)  # [B, T, C]
-            if position_ids is None:
-                rope = (self.rope_cos[P : P + T], self.rope_sin[P : P + T])  # [T, hd]
-            else:
-                rope = (self.rope_cos[position_ids][:, None], self.rope_sin[position_ids][:, None])  # [B, 1, T, hd]
+            if cfg.embed_scale != 1:  # Gemma: sqrt(C) in the weights' dtype; Granite: its multiplier
+                x = x * torch.tensor(cfg.embed_scale, dtype=x.dtype)
+            ropes = self._ropes(P, T, position_ids)
         else:
             pos = torch.arange(P, P + T, device=idx.device) if position_ids is None else position_ids
             x = _drop(self.transformer.wte(idx) + self.transformer.wpe(pos), cfg.dropout, self.training)  # [B, T, C]
-            rope = None
-        mask = self._mask(T, P, attn_mask, idx.device)
+            ropes = {}
+        masks = {w: self._mask(T, P, attn_mask, idx.device, w) for w in {getattr(b, "window", None) for b in self.blocks}}
         ckpt = self.gradient_checkpointing and self.training and torch.is_grad_enabled()
         for block in self.blocks:
+            rope, mask = ropes.get(getattr(block, "rope_kind", False)), masks[getattr(block, "window", None)]
             if ckpt:
                 x = checkpoint(block, x, rope, mask, cache, use_reentrant=False)
             else:
@@ -409,10 +433,11 @@ class Transformer(nn.Module):
         if return_hidden:
             return x
         if targets is None:
-            return self.lm_head(x).float()  # [B, T, vocab]
+            return self.logits(self.lm_head(x))  # [B, T, vocab]
         h, t = x.reshape(B * T, -1), targets.reshape(B * T)
-        if type(self.lm_head) is not nn.Linear:  # wrapped (e.g. a LoRA layer): the plain, memory-hungry way
-            logits = self.lm_head(h).float()  # [B*T, vocab]
+        if type(self.lm_head) is not nn.Linear or cfg.logits_scale != 1 or cfg.final_softcap is not None:
+            # the plain, memory-hungry way (a LoRA lm_head; logits scaled or soft-capped)
+            logits = self.logits(self.lm_head(h))  # [B*T, vocab]
             return F.cross_entropy(logits, t, ignore_index=-100, reduction="sum")
         w, dev = self.lm_head.weight, x.device.type
         dtype = torch.get_autocast_dtype(dev) if torch.is_autocast_enabled(dev) else h.dtype

@@ -85,6 +85,8 @@ def check_value(key: str, tp, value, meta) -> Any:
         ok = isinstance(value, str)
         if isinstance(value, (int, float)) and not isinstance(value, bool) and "choices" not in meta:
             value, ok = str(value), True  # a path or name that YAML read as a number
+    elif tp in (dict, tuple):
+        ok = isinstance(value, dict) if tp is dict else isinstance(value, (list, tuple))
     else:
         raise TypeError(f"unsupported recipe field type {tp} for {key}")
     if not ok:

@@ -128,18 +128,21 @@ def test_config_from_hf_variants():
     c = config_from_hf({**base, "rope_parameters": {"rope_type": "default", "rope_theta": 7.0}, "eos_token_id": [5, 6]})
     assert c.rope_theta == 7.0 and c.eos_token_id == 5
     c = config_from_hf({**base, "model_type": "mistral", "max_position_embeddings": 8192, "sliding_window": 4096})
-    assert c.block_size == 4096  # a window shorter than the context becomes the context
+    assert (c.block_size, c.sliding_window, c.model_type) == (8192, 4096, "mistral")  # a real window (issue 16)
+    c = config_from_hf({**base, "rope_scaling": {"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0,
+                                                 "high_freq_factor": 4.0, "original_max_position_embeddings": 64}})
+    assert c.rope_type == "llama3" and c.rope_scaling["factor"] == 8.0  # transformers 4's key, read too
     d = config_to_hf(ModelConfig(arch="llama", n_embd=32, n_head=4, rope_theta=3.0))
     assert d["rope_theta"] == 3.0 and d["rope_parameters"] == {"rope_type": "default", "rope_theta": 3.0}
 
 
 @pytest.mark.parametrize("patch, msg", [
     ({"model_type": "bert"}, "model_type 'bert'"),
-    ({"rope_scaling": {"rope_type": "llama3", "factor": 8.0}}, "llama3"),
-    ({"rope_parameters": {"rope_type": "yarn", "rope_theta": 1.0}}, "yarn"),
-    ({"mlp_bias": True}, "mlp_bias"),
+    ({"rope_scaling": {"rope_type": "su-v2", "factor": 8.0}}, "RoPE type 'su-v2'"),
+    ({"rope_parameters": {"rope_type": "yarn", "rope_theta": 1.0}}, "original_max_position_embeddings|factor"),
     ({"hidden_act": "gelu"}, "hidden_act"),
-    ({"num_attention_heads": 5}, "divisible"),
+    ({"num_key_value_heads": 3}, "n_kv_head"),
+    ({"model_type": "mixtral"}, "mixture of experts"),
     ({"hidden_size": None}, "incompatible"),
 ])  # fmt: skip
 def test_config_from_hf_unsupported(patch, msg):

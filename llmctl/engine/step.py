@@ -56,9 +56,11 @@ class FastDecode:
 
     @staticmethod
     def supported(model) -> bool:
-        """An llmctl Transformer whose Linear layers are plain ones."""
+        """An llmctl Transformer whose Linear layers are plain ones, with no family feature the step lacks (sliding
+        windows, q/k norms, soft-capping, ...: `ModelConfig.plain`); others decode through the model's forward."""
         lin = [m for m in model.modules() if isinstance(m, torch.nn.Linear)]
-        return isinstance(model, Transformer) and all(type(m) is torch.nn.Linear for m in lin)
+        return (isinstance(model, Transformer) and (model.config.arch == "gpt2" or model.config.plain)
+                and all(type(m) is torch.nn.Linear for m in lin))  # fmt: skip
 
     def _version(self) -> tuple[int, int]:
         """Changes whenever a parameter may have: in-place ops and copies bump its version counter, and any
