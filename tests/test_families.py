@@ -170,3 +170,62 @@ def test_saved_back_as_the_same_architecture(family, tmp_path):
 def test_mixture_of_experts_is_refused_clearly(model_type):
     with pytest.raises(UserError, match="mixture of experts"):
         hf.config_from_hf({"model_type": model_type, **COMMON})
+
+
+# ------------------------------------------------------------------------------------- the stages, per family
+
+
+def _llmctl(*commands):
+    """Run llmctl commands one after the other in one process (the CLI's own entry, one interpreter start)."""
+    import os
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parents[1]
+    code = ("import json, sys\nfrom llmctl.cli import app\nfor argv in json.loads(sys.argv[1]):\n"
+            "    rc = app(argv, standalone_mode=False)\n    assert not isinstance(rc, int) or rc == 0, (argv, rc)\n")
+    r = subprocess.run([sys.executable, "-c", code, json.dumps([[str(a) for a in c] for c in commands])],
+                       capture_output=True, text=True, cwd=root,
+                       env={**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(root)})  # fmt: skip
+    assert r.returncode == 0, r.stderr
+
+
+@pytest.mark.parametrize("name", list(FAMILIES))
+def test_sft_lora_and_dpo_run_on_the_family(name, tmp_path, tok_dir):
+    """A few steps of `sft`, `lora` and `rlhf method=dpo` from the family's folder (with an llmctl tokenizer);
+    the LoRA adapter loads in peft on the transformers model with llmctl's logits, and the sft checkpoint is the
+    family's architecture again."""
+    from peft import PeftModel
+
+    from llmctl import lora
+    from llmctl.tokenizer import load_tokenizer
+
+    tok = load_tokenizer(tok_dir)
+    cls, kw, _ = FAMILIES[name]
+    torch.manual_seed(0)
+    config = getattr(transformers, cls)(**{**COMMON, **kw, "vocab_size": tok.vocab_size, "bos_token_id": tok.bos_id,
+                                           "eos_token_id": tok.eos_id, "pad_token_id": tok.pad_id})  # fmt: skip
+    base = tmp_path / "base"
+    transformers.AutoModelForCausalLM.from_config(config).save_pretrained(base)
+    tok.save(base)
+    rows = [{"prompt": f"{a} plus {b} is", "completion": f" {a + b}"} for a in range(4) for b in range(3)]
+    pairs = [{"prompt": r["prompt"], "chosen": r["completion"], "rejected": " no"} for r in rows]
+    (tmp_path / "sft.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    (tmp_path / "pairs.jsonl").write_text("".join(json.dumps(r) + "\n" for r in pairs))
+    steps = ["train.max_steps=2", "train.micro_batch_size=4", "train.eval_every=0", "train.log_every=1"]
+    _llmctl(*[[kind, f"recipes/tiny/{kind}.yaml", f"out_dir={tmp_path / kind}", f"init_from={base}",
+               f"data.train={tmp_path / 'sft.jsonl'}", "data.val=null", "eval.exact_match=null", *steps]
+              for kind in ("sft", "lora")],
+            ["rlhf", "recipes/tiny/dpo.yaml", f"out_dir={tmp_path / 'dpo'}", f"init_from={base}",
+             f"data.train={tmp_path / 'pairs.jsonl'}", "data.val=null", *steps])  # fmt: skip
+    for kind in ("sft", "dpo"):
+        saved = json.loads((tmp_path / kind / "checkpoints/step-0000002/config.json").read_text())
+        assert saved["architectures"] == config.architectures or saved["model_type"] == config.model_type
+    x = ids(1, 12, seed=7)
+    ck = tmp_path / "lora/checkpoints/step-0000002"
+    with torch.no_grad():
+        ours = lora.load(hf.load_model(base), ck).get_base_model()(x)
+        theirs = PeftModel.from_pretrained(transformers.AutoModelForCausalLM.from_pretrained(str(base)), str(ck))
+        torch.testing.assert_close(ours, theirs.eval()(x).logits, **TOL)
+        assert (ours - hf.load_model(base)(x)).abs().max() > 0  # the adapter trained
