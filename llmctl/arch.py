@@ -9,7 +9,7 @@ from typing import Optional
 
 from llmctl.schema import bounded, check_fields, choice
 
-ARCHS = ("llama", "gpt2")
+ARCHS = ("llama", "gpt2", "neox")
 ROPE_KEYS = {"default": (), "linear": ("factor",), "dynamic": ("factor",), "yarn": ("original_max_position_embeddings",),
              "longrope": ("short_factor", "long_factor", "original_max_position_embeddings"),
              "llama3": ("factor", "low_freq_factor", "high_freq_factor", "original_max_position_embeddings")}
@@ -28,7 +28,8 @@ class ModelConfig:
     declares its domain (schema.py); __post_init__ fills the derived defaults (None -> a value) and checks the
     combination, naming the key (ValueError; a recipe turns it into a UserError, so --dry-run catches it)."""
 
-    arch: str = choice("llama", *ARCHS)  # llama (RoPE, RMSNorm, SwiGLU, GQA); gpt2 (learned positions, LayerNorm, GELU)
+    arch: str = choice("llama", *ARCHS)  # llama (RoPE, RMSNorm, SwiGLU, GQA); gpt2 (learned positions, LayerNorm,
+    # GELU); neox (GPT-NeoX / Pythia: RoPE, LayerNorm, GELU, parallel residual)
     vocab_size: int = bounded(32000, ge=1)
     n_layer: int = bounded(12, ge=1)
     n_head: int = bounded(12, ge=1)
@@ -59,7 +60,7 @@ class ModelConfig:
     norm: str = choice("rms", "rms", "rms1p")  # RMSNorm (x * w) or Gemma's (x * (1 + w))
     norm_layout: str = choice("pre", "pre", "post", "sandwich")  # pre-norm; post-sublayer (OLMo 2); pre + post (Gemma 2/3)
     qk_norm: Optional[str] = choice(None, "head", "proj")  # RMSNorm of q and k per head (Qwen3, Gemma 3) or whole (OLMo 2)
-    mlp: str = choice("swiglu", "swiglu", "geglu")  # gate activation: silu, or tanh GELU (Gemma)
+    mlp: str = choice("swiglu", "swiglu", "geglu", "gelu", "gelu_tanh")  # llama: gated, silu or tanh GELU (Gemma); neox: GELU
     fused_qkv: bool = False  # one qkv_proj / gate_up_proj Linear (Phi-3), in the family's own layout
     fused_gate_up: bool = False
     mlp_bias: bool = False
@@ -69,6 +70,7 @@ class ModelConfig:
     embed_scale: float = bounded(1.0, gt=0)  # embeddings times this (Gemma: sqrt(n_embd); Granite's multiplier)
     residual_scale: float = bounded(1.0, gt=0)  # sublayer outputs times this before the residual add (Granite)
     logits_scale: float = bounded(1.0, gt=0)  # logits divided by this (Granite's logits_scaling)
+    parallel_residual: bool = False  # neox: x + attn(ln1(x)) + mlp(ln2(x))
 
     @property
     def plain(self) -> bool:
@@ -91,7 +93,7 @@ class ModelConfig:
         return self.sliding_window if self.layer_type(i) == "sliding_attention" else None
 
     def uses_rope(self, i: int) -> bool:
-        return self.arch == "llama" and (not self.no_rope_layers or bool(self.no_rope_layers[i]))
+        return self.arch != "gpt2" and (not self.no_rope_layers or bool(self.no_rope_layers[i]))
 
     def __post_init__(self):
         check_fields(self, "model.")
@@ -101,22 +103,22 @@ class ModelConfig:
                 raise ValueError(f"model.n_embd: must be a multiple of model.n_head ({nh}), got {self.n_embd} "
                                  f"({self.n_embd} is not divisible by {nh})")
             self.head_dim = self.n_embd // nh
-            if self.arch == "llama" and self.head_dim % 2:
+            if self.arch != "gpt2" and self.head_dim % 2:
                 raise ValueError(f"model.n_embd: llama needs an even head size n_embd / n_head (rotary "
                                  f"embeddings), got {self.n_embd} / {nh} = {self.head_dim}")
-        elif self.arch == "llama" and self.head_dim % 2:
+        elif self.arch != "gpt2" and self.head_dim % 2:
             raise ValueError(f"model.head_dim: must be even (rotary embeddings), got {self.head_dim}")
         if self.n_kv_head is None:
             self.n_kv_head = nh
         if nh % self.n_kv_head:
             raise ValueError(f"model.n_kv_head: must divide model.n_head ({nh}), got {self.n_kv_head}")
-        if self.arch == "gpt2" and self.n_kv_head != nh:
-            raise ValueError(f"model.n_kv_head: gpt2 has no grouped-query attention (n_kv_head must be null or "
+        if self.arch != "llama" and self.n_kv_head != nh:
+            raise ValueError(f"model.n_kv_head: {self.arch} has no grouped-query attention (n_kv_head must be null or "
                              f"model.n_head = {nh}), got {self.n_kv_head}")
-        if self.arch == "gpt2" and self.head_dim * nh != self.n_embd:
-            raise ValueError("model.head_dim: gpt2 needs head_dim * n_head == n_embd")
+        if self.arch != "llama" and self.head_dim * nh != self.n_embd:
+            raise ValueError(f"model.head_dim: {self.arch} needs head_dim * n_head == n_embd")
         if self.intermediate_size is None:
-            self.intermediate_size = 4 * self.n_embd if self.arch == "gpt2" else llama_intermediate_size(self.n_embd)
+            self.intermediate_size = 4 * self.n_embd if self.arch != "llama" else llama_intermediate_size(self.n_embd)
         if self.tie_embeddings is None:
             self.tie_embeddings = self.arch == "gpt2"
         for key in ("layer_types", "no_rope_layers"):

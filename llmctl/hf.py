@@ -23,7 +23,7 @@ import torch
 from llmctl.checkpoint import read_safetensors, resolve_model_dir, writing
 from llmctl.errors import UserError
 from llmctl.config import ModelConfig
-from llmctl.model import Transformer, unwrap
+from llmctl.model import TREES, Transformer, unwrap
 
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "chat_template.jinja")
 GPT2_CONV1D = re.compile(r"\.(attn\.c_attn|attn\.c_proj|mlp\.c_fc|mlp\.c_proj)\.weight$")
@@ -89,6 +89,16 @@ def config_to_hf(cfg: ModelConfig, dtype: torch.dtype = torch.float32) -> dict:
             embd_pdrop=cfg.dropout, attn_pdrop=cfg.dropout, scale_attn_weights=True,
             scale_attn_by_inverse_layer_idx=False, reorder_and_upcast_attn=False, **common,
         )  # fmt: skip
+    if cfg.arch == "neox":
+        rope = {"rope_type": cfg.rope_type, "rope_theta": cfg.rope_theta, **(cfg.rope_scaling or {}),
+                "partial_rotary_factor": cfg.partial_rotary_factor}  # fmt: skip
+        return dict(sorted(dict(
+            architectures=["GPTNeoXForCausalLM"], model_type="gpt_neox", hidden_size=cfg.n_embd,
+            num_hidden_layers=cfg.n_layer, num_attention_heads=cfg.n_head, intermediate_size=cfg.intermediate_size,
+            hidden_act="gelu_new" if cfg.mlp == "gelu_tanh" else "gelu", max_position_embeddings=cfg.block_size,
+            layer_norm_eps=cfg.norm_eps, use_parallel_residual=cfg.parallel_residual, rope_parameters=rope,
+            rotary_pct=cfg.partial_rotary_factor, rotary_emb_base=cfg.rope_theta, attention_bias=cfg.qkv_bias,
+            attention_dropout=cfg.dropout, hidden_dropout=cfg.dropout, **common).items()))  # fmt: skip
     mt = cfg.model_type or ("qwen2" if cfg.qkv_bias and not cfg.attn_out_bias else "llama")
     rope = {"rope_type": cfg.rope_type, "rope_theta": cfg.rope_theta, **(cfg.rope_scaling or {})}
     if cfg.partial_rotary_factor != 1:
@@ -204,6 +214,21 @@ def config_from_hf(d: dict) -> ModelConfig:
                 norm_eps=d.get("layer_norm_epsilon", 1e-5), tie_embeddings=d.get("tie_word_embeddings", True),
                 dropout=d.get("resid_pdrop", 0.0), init_std=d.get("initializer_range", 0.02), **ids,
             )  # fmt: skip
+        if mt == "gpt_neox":
+            act = d.get("hidden_act", "gelu")
+            if act not in ("gelu", *GELU_TANH):
+                raise UserError(f"unsupported checkpoint: gpt_neox hidden_act {act!r} (GELU only)")
+            rope = _rope({**d, "rope_theta": d.get("rope_theta", d.get("rotary_emb_base", 10000.0)),
+                          "partial_rotary_factor": d.get("partial_rotary_factor", d.get("rotary_pct", 0.25))}, mt)
+            bias = d.get("attention_bias", True)
+            return ModelConfig(
+                arch="neox", vocab_size=d["vocab_size"], n_layer=d["num_hidden_layers"], n_head=d["num_attention_heads"],
+                n_embd=d["hidden_size"], intermediate_size=d["intermediate_size"],
+                block_size=d.get("max_position_embeddings", 2048), norm_eps=d.get("layer_norm_eps", 1e-5),
+                qkv_bias=bias, attn_out_bias=bias, mlp="gelu" if act == "gelu" else "gelu_tanh",
+                parallel_residual=d.get("use_parallel_residual", True), tie_embeddings=d.get("tie_word_embeddings", False),
+                dropout=d.get("attention_dropout", 0.0) or 0.0, init_std=d.get("initializer_range", 0.02), **rope, **ids,
+            )  # fmt: skip
         if mt in MOE_TYPES:
             raise UserError(f"unsupported checkpoint: model_type {mt!r} is a mixture of experts (not supported yet)")
         if mt in FAMILIES:
@@ -244,7 +269,7 @@ def config_from_hf(d: dict) -> ModelConfig:
         raise UserError(f"incompatible checkpoint: config.json has no {e.args[0]!r}") from None
     except (ValueError, TypeError) as e:
         raise UserError(f"incompatible checkpoint: {e}") from None
-    raise UserError(f"unsupported checkpoint: model_type {mt!r} (llmctl reads {', '.join(LLAMA_TYPES)} and gpt2)")
+    raise UserError(f"unsupported checkpoint: model_type {mt!r} (llmctl reads {', '.join(LLAMA_TYPES)}, gpt2 and gpt_neox)")
 
 
 def load_config(path) -> ModelConfig:
@@ -273,7 +298,9 @@ def save_model(model, out_dir, *, tokenizer_dir=None, dtype=None) -> Path:
     dtype = _as_dtype(dtype) if dtype is not None else model.lm_head.weight.dtype
     tied = "lm_head.weight" if cfg.tie_embeddings else None  # HF re-ties it from the embedding
     gen = {k: getattr(cfg, k) for k in ("bos_token_id", "eos_token_id", "pad_token_id") if getattr(cfg, k) is not None}
-    return write_folder(out_dir, {k: t for k, t in model.state_dict().items() if k != tied}, cfg.arch, dtype,
+    state = {("embed_out.weight" if cfg.arch == "neox" and k == "lm_head.weight" else k): t  # NeoX's own name
+             for k, t in model.state_dict().items() if k != tied}  # fmt: skip
+    return write_folder(out_dir, state, cfg.arch, dtype,
                         {"config.json": config_to_hf(cfg, dtype), "generation_config.json": gen}, tokenizer_dir)
 
 
@@ -374,9 +401,10 @@ def load_model(path, *, device="cpu", dtype=torch.float32) -> Transformer:
     params = dict(model.state_dict(keep_vars=True))
     if cfg.tie_embeddings:
         params.pop("lm_head.weight")
-    prefix = "model." if cfg.arch == "llama" else "transformer."
+    prefix = TREES[cfg.arch][0] + "."
 
     def rename(key):
+        key = "lm_head.weight" if key == "embed_out.weight" else key  # GPT-NeoX's name before transformers 5
         name = key if key in params or key.startswith("lm_head.") else prefix + key  # base-model files
         skip = IGNORED_KEYS.search(name) or (name == "lm_head.weight" and cfg.tie_embeddings)
         return None if skip else name

@@ -21,6 +21,7 @@ PRESETS = {
     "llama": {"attention": ["q_proj", "k_proj", "v_proj", "qkv_proj", "o_proj"],  # fused ones: Phi-3
               "mlp": ["gate_proj", "up_proj", "gate_up_proj", "down_proj"]},
     "gpt2": {"attention": ["attn.c_attn", "attn.c_proj"], "mlp": ["mlp.c_fc", "mlp.c_proj"]},
+    "neox": {"attention": ["query_key_value", "attention.dense"], "mlp": ["dense_h_to_4h", "dense_4h_to_h"]},
 }
 ADAPTER_FILES = ("adapter_config.json", "adapter_model.safetensors")
 

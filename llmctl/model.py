@@ -21,6 +21,8 @@ import torch.nn.functional as F
 from torch.utils.checkpoint import checkpoint
 
 from llmctl import ops
+from llmctl.gpt import GPT2Block, NeoXBlock
+from llmctl.ops import drop
 from llmctl.arch import ModelConfig
 from llmctl.attention import CPU_HAS_AMX, KVCache, attend  # noqa: F401  (the model's names for them)
 from llmctl.rope import apply_rope, rope_inv_freq
@@ -185,59 +187,18 @@ class LlamaBlock(nn.Module):
         return x if self.norms[i] is None else getattr(self, self.norms[i])(x)
 
     def forward(self, x, rope, mask, cache):
-        h = _drop(self._norm(1, self.self_attn(self._norm(0, x), rope, mask, cache)), self.dropout, self.training)
+        h = drop(self._norm(1, self.self_attn(self._norm(0, x), rope, mask, cache)), self.dropout, self.training)
         x = x + (h if self.residual_scale == 1 else h * self.residual_scale)
-        h = _drop(self._norm(3, self.mlp(self._norm(2, x))), self.dropout, self.training)
+        h = drop(self._norm(3, self.mlp(self._norm(2, x))), self.dropout, self.training)
         return x + (h if self.residual_scale == 1 else h * self.residual_scale)
 
 
-# ------------------------------------------------------------------------------------------------------------ gpt2
-
-
-class GPT2Attention(nn.Module):
-    def __init__(self, cfg: ModelConfig, layer_idx: int):
-        super().__init__()
-        self.c_attn = nn.Linear(cfg.n_embd, 3 * cfg.n_embd)  # fused q, k, v (HF Conv1D, transposed)
-        self.c_proj = nn.Linear(cfg.n_embd, cfg.n_embd)
-        self.nh, self.hd, self.layer_idx, self.dropout = cfg.n_head, cfg.head_dim, layer_idx, cfg.dropout
-
-    def forward(self, x, rope, mask, cache):
-        B, T, C = x.shape
-        q, k, v = self.c_attn(x).split(C, dim=2)  # 3 x [B, T, C]
-        q, k, v = (t.view(B, T, self.nh, self.hd).transpose(1, 2) for t in (q, k, v))  # [B, nh, T, hd]
-        y = attend(q, k, v, mask, cache, self.layer_idx, self.dropout if self.training else 0.0)
-        return self.c_proj(y)  # [B, T, C]
-
-
-class GPT2MLP(nn.Module):
-    def __init__(self, cfg: ModelConfig):
-        super().__init__()
-        self.c_fc = nn.Linear(cfg.n_embd, cfg.intermediate_size)
-        self.c_proj = nn.Linear(cfg.intermediate_size, cfg.n_embd)
-
-    def forward(self, x):  # GELU, tanh approximation ("gelu_new")
-        return self.c_proj(F.gelu(self.c_fc(x), approximate="tanh"))
-
-
-class GPT2Block(nn.Module):
-    def __init__(self, cfg: ModelConfig, layer_idx: int):
-        super().__init__()
-        self.ln_1 = nn.LayerNorm(cfg.n_embd, eps=cfg.norm_eps)
-        self.attn = GPT2Attention(cfg, layer_idx)
-        self.ln_2 = nn.LayerNorm(cfg.n_embd, eps=cfg.norm_eps)
-        self.mlp = GPT2MLP(cfg)
-        self.dropout = cfg.dropout
-
-    def forward(self, x, rope, mask, cache):
-        x = x + _drop(self.attn(self.ln_1(x), rope, mask, cache), self.dropout, self.training)
-        return x + _drop(self.mlp(self.ln_2(x)), self.dropout, self.training)
-
-
-def _drop(x, p, training):
-    return F.dropout(x, p, training) if p > 0 and training else x
-
-
 # ----------------------------------------------------------------------------------------------------- the model
+
+
+# each module tree: (root, its embedding, its blocks, its final norm), Hugging Face's names
+TREES = {"llama": ("model", "embed_tokens", "layers", "norm"), "gpt2": ("transformer", "wte", "h", "ln_f"),
+         "neox": ("gpt_neox", "embed_in", "layers", "final_layer_norm")}  # fmt: skip
 
 
 class Transformer(nn.Module):
@@ -247,19 +208,15 @@ class Transformer(nn.Module):
         super().__init__()
         self.config = cfg = config
         self.gradient_checkpointing = False  # activation checkpointing per block (training only)
-        if cfg.arch == "llama":
-            self.model = nn.ModuleDict(dict(
-                embed_tokens=nn.Embedding(cfg.vocab_size, cfg.n_embd),
-                layers=nn.ModuleList(LlamaBlock(cfg, i) for i in range(cfg.n_layer)),
-                norm=RMSNorm(cfg.n_embd, cfg.norm_eps, cfg.norm == "rms1p"),
-            ))  # fmt: skip
-        else:
-            self.transformer = nn.ModuleDict(dict(
-                wte=nn.Embedding(cfg.vocab_size, cfg.n_embd),
-                wpe=nn.Embedding(cfg.block_size, cfg.n_embd),
-                h=nn.ModuleList(GPT2Block(cfg, i) for i in range(cfg.n_layer)),
-                ln_f=nn.LayerNorm(cfg.n_embd, eps=cfg.norm_eps),
-            ))  # fmt: skip
+        root, emb, layers, norm = TREES[cfg.arch]
+        block = {"llama": LlamaBlock, "gpt2": GPT2Block, "neox": NeoXBlock}[cfg.arch]
+        tree = {emb: nn.Embedding(cfg.vocab_size, cfg.n_embd)}
+        if cfg.arch == "gpt2":
+            tree["wpe"] = nn.Embedding(cfg.block_size, cfg.n_embd)
+        tree[layers] = nn.ModuleList(block(cfg, i) for i in range(cfg.n_layer))
+        tree[norm] = (RMSNorm(cfg.n_embd, cfg.norm_eps, cfg.norm == "rms1p") if cfg.arch == "llama"
+                      else nn.LayerNorm(cfg.n_embd, eps=cfg.norm_eps))  # fmt: skip
+        setattr(self, root, nn.ModuleDict(tree))
         self.lm_head = nn.Linear(cfg.n_embd, cfg.vocab_size, bias=False)
         self.tie_weights()
         self._init_rope()
@@ -267,12 +224,16 @@ class Transformer(nn.Module):
 
     # --- structure ---
 
+    def _part(self, i: int) -> nn.Module:
+        root = TREES[self.config.arch]
+        return getattr(self, root[0])[root[i]]
+
     @property
     def blocks(self) -> nn.ModuleList:
-        return self.model.layers if self.config.arch == "llama" else self.transformer.h
+        return self._part(2)
 
     def get_input_embeddings(self) -> nn.Embedding:
-        return self.model.embed_tokens if self.config.arch == "llama" else self.transformer.wte
+        return self._part(1)
 
     def tie_weights(self) -> None:
         if self.config.tie_embeddings:
@@ -282,7 +243,7 @@ class Transformer(nn.Module):
         """cos/sin tables [block_size, r] (r: the rotary dims of a head), computed in fp32 exactly as HF's rotary
         embeddings do: `rope_cos` / `rope_sin` for full-attention layers, `rope_*_sliding` where sliding layers
         have their own base (Gemma 3), `rope_*_long` for longrope's long factors."""
-        if self.config.arch != "llama":
+        if self.config.arch == "gpt2":
             return
         cfg, dev = self.config, self.lm_head.weight.device
         tables = {"": (cfg.rope_theta, cfg.rope_type, False)}
@@ -326,7 +287,7 @@ class Transformer(nn.Module):
         resid_std = std / math.sqrt(2 * self.config.n_layer)
         for name, m in self.named_modules():
             if isinstance(m, nn.Linear):
-                nn.init.normal_(m.weight, 0.0, resid_std if name.endswith(("o_proj", "down_proj", "c_proj")) else std)
+                nn.init.normal_(m.weight, 0.0, resid_std if name.endswith(("o_proj", "down_proj", "c_proj", "dense", "dense_4h_to_h")) else std)
                 if m.bias is not None:
                     nn.init.zeros_(m.bias)
             elif isinstance(m, nn.Embedding):
@@ -410,14 +371,14 @@ class Transformer(nn.Module):
         P = 0 if cache is None else cache.pos
         if position_ids is None and P + T > cfg.block_size:
             raise ValueError(f"sequence of {P + T} positions exceeds block_size {cfg.block_size}")
-        if cfg.arch == "llama":
-            x = self.model.embed_tokens(idx)  # [B, T, C]
+        if cfg.arch != "gpt2":
+            x = self.get_input_embeddings()(idx)  # [B, T, C]
             if cfg.embed_scale != 1:  # Gemma: sqrt(C) in the weights' dtype; Granite: its multiplier
                 x = x * torch.tensor(cfg.embed_scale, dtype=x.dtype)
             ropes = self._ropes(P, T, position_ids)
         else:
             pos = torch.arange(P, P + T, device=idx.device) if position_ids is None else position_ids
-            x = _drop(self.transformer.wte(idx) + self.transformer.wpe(pos), cfg.dropout, self.training)  # [B, T, C]
+            x = drop(self.transformer.wte(idx) + self.transformer.wpe(pos), cfg.dropout, self.training)  # [B, T, C]
             ropes = {}
         masks = {w: self._mask(T, P, attn_mask, idx.device, w) for w in {getattr(b, "window", None) for b in self.blocks}}
         ckpt = self.gradient_checkpointing and self.training and torch.is_grad_enabled()
@@ -427,7 +388,7 @@ class Transformer(nn.Module):
                 x = checkpoint(block, x, rope, mask, cache, use_reentrant=False)
             else:
                 x = block(x, rope, mask, cache)
-        x = self.model.norm(x) if cfg.arch == "llama" else self.transformer.ln_f(x)  # [B, T, C]
+        x = self._part(3)(x)  # the final norm [B, T, C]
         if cache is not None:
             cache.pos = P + T
         if return_hidden:

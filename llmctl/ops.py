@@ -133,3 +133,8 @@ class LinearCrossEntropy(torch.autograd.Function):
         grad_h = None if grad_h is None else grad_h * grad_loss.to(grad_h.dtype)
         grad_w = None if grad_w is None else grad_w * grad_loss
         return grad_h, grad_w, None, None
+
+
+def drop(x, p, training):
+    """Dropout, skipped (no op at all) when off."""
+    return F.dropout(x, p, training) if p > 0 and training else x

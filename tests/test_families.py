@@ -53,6 +53,11 @@ FAMILIES = {  # name: (config class, its arguments, llmctl features that must be
                                       logits_scaling=4.0, attention_bias=True),
                 dict(residual_scale=0.3, attn_scale=0.1, logits_scale=4.0)),
     "smollm3": ("SmolLM3Config", dict(no_rope_layers=[1, 0]), dict(no_rope_layers=(1, 0))),
+    "pythia": ("GPTNeoXConfig", dict(rope_parameters={"rope_type": "default", "rope_theta": 10000.0,
+                                                      "partial_rotary_factor": 0.5}, use_parallel_residual=True),
+               dict(arch="neox", parallel_residual=True, partial_rotary_factor=0.5)),
+    "gpt-neox-sequential": ("GPTNeoXConfig", dict(use_parallel_residual=False, hidden_act="gelu_new"),
+                            dict(arch="neox", parallel_residual=False, mlp="gelu_tanh")),
 }
 TOL = dict(atol=1e-4, rtol=0)
 

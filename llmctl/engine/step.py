@@ -59,7 +59,7 @@ class FastDecode:
         """An llmctl Transformer whose Linear layers are plain ones, with no family feature the step lacks (sliding
         windows, q/k norms, soft-capping, ...: `ModelConfig.plain`); others decode through the model's forward."""
         lin = [m for m in model.modules() if isinstance(m, torch.nn.Linear)]
-        return (isinstance(model, Transformer) and (model.config.arch == "gpt2" or model.config.plain)
+        return (isinstance(model, Transformer) and (model.config.arch == "gpt2" or model.config.arch == "llama" and model.config.plain)
                 and all(type(m) is torch.nn.Linear for m in lin))  # fmt: skip
 
     def _version(self) -> tuple[int, int]:
