@@ -234,3 +234,30 @@ def test_sft_lora_and_dpo_run_on_the_family(name, tmp_path, tok_dir):
         theirs = PeftModel.from_pretrained(transformers.AutoModelForCausalLM.from_pretrained(str(base)), str(ck))
         torch.testing.assert_close(ours, theirs.eval()(x).logits, **TOL)
         assert (ours - hf.load_model(base)(x)).abs().max() > 0  # the adapter trained
+
+
+def test_transformers_4_config_files_read_the_same():
+    """config.json files as transformers 4 wrote them (rope_scaling + rope_theta, rope_local_base_freq, rotary_pct,
+    no layer_types) give the same switches as transformers 5's."""
+    base = dict(vocab_size=V, hidden_size=64, intermediate_size=96, num_hidden_layers=4, num_attention_heads=4,
+                num_key_value_heads=2)  # fmt: skip
+    llama32 = hf.config_from_hf({**base, "model_type": "llama", "rope_theta": 500000.0, "tie_word_embeddings": True,
+                                 "rope_scaling": {"rope_type": "llama3", "factor": 32.0, "low_freq_factor": 1.0,
+                                                  "high_freq_factor": 4.0, "original_max_position_embeddings": 8192}})
+    assert (llama32.rope_type, llama32.rope_theta, llama32.rope_scaling["factor"]) == ("llama3", 5e5, 32.0)
+    gemma3 = hf.config_from_hf({**base, "model_type": "gemma3_text", "head_dim": 16, "rope_theta": 1e6,
+                                "rope_local_base_freq": 10000.0, "sliding_window": 8, "sliding_window_pattern": 2,
+                                "rope_scaling": {"rope_type": "linear", "factor": 8.0}, "query_pre_attn_scalar": 16})
+    assert gemma3.layer_types == ("sliding_attention", "full_attention") * 2
+    assert (gemma3.rope_local_theta, gemma3.rope_theta, gemma3.rope_type) == (1e4, 1e6, "linear")
+    phi4 = hf.config_from_hf({**base, "model_type": "phi3", "partial_rotary_factor": 0.75,
+                              "original_max_position_embeddings": 32, "max_position_embeddings": 64,
+                              "rope_scaling": {"type": "longrope", "short_factor": [1.0] * 6, "long_factor": [2.0] * 6}})
+    assert (phi4.rope_type, phi4.partial_rotary_factor, phi4.rope_scaling["original_max_position_embeddings"]) == \
+        ("longrope", 0.75, 32)
+    pythia = hf.config_from_hf({**base, "model_type": "gpt_neox", "rotary_pct": 0.25, "rotary_emb_base": 10000,
+                                "num_key_value_heads": None})
+    assert (pythia.arch, pythia.partial_rotary_factor, pythia.parallel_residual) == ("neox", 0.25, True)
+    qwen3 = hf.config_from_hf({**base, "model_type": "qwen3", "use_sliding_window": False, "sliding_window": None,
+                               "max_window_layers": 28, "rope_theta": 1e6})
+    assert qwen3.sliding_window is None and qwen3.qk_norm == "head"
