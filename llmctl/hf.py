@@ -185,8 +185,9 @@ def _layers(d: dict, mt: str, n: int) -> dict:
         types = ["sliding_attention" if (i + 1) % pattern else "full_attention" for i in range(n)]
     if mt in ("qwen2", "qwen3", "smollm3") and window is not None and types is None:
         types = ["sliding_attention" if i >= d.get("max_window_layers", n) else "full_attention" for i in range(n)]
-    if window is None or (types and "sliding_attention" not in types):
-        return dict(sliding_window=None, layer_types=None)
+    block = d.get("max_position_embeddings", DEFAULT_MAX_POS.get(mt, 2048))
+    if window is None or window >= block or (types and "sliding_attention" not in types):
+        return dict(sliding_window=None, layer_types=None)  # (a window that spans the context changes nothing)
     if types and "full_attention" not in types:
         types = None
     return dict(sliding_window=int(window), layer_types=types)

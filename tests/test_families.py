@@ -258,6 +258,8 @@ def test_transformers_4_config_files_read_the_same():
     pythia = hf.config_from_hf({**base, "model_type": "gpt_neox", "rotary_pct": 0.25, "rotary_emb_base": 10000,
                                 "num_key_value_heads": None})
     assert (pythia.arch, pythia.partial_rotary_factor, pythia.parallel_residual) == ("neox", 0.25, True)
+    mistral = hf.config_from_hf({**base, "model_type": "mistral", "sliding_window": 4096, "max_position_embeddings": 4096})
+    assert mistral.sliding_window is None and mistral.plain  # a window as long as the context: the fast paths stay
     qwen3 = hf.config_from_hf({**base, "model_type": "qwen3", "use_sliding_window": False, "sliding_window": None,
                                "max_window_layers": 28, "rope_theta": 1e6})
     assert qwen3.sliding_window is None and qwen3.qk_norm == "head"
