@@ -17,6 +17,7 @@ from conftest import TRICKY
 from llmctl import evaluate, hf
 from llmctl.chat import encode_prompt, fit_prompt
 from llmctl.cli import app
+from llmctl.errors import UserError
 from llmctl.examples import encode_sft
 from llmctl.model import ModelConfig, Transformer
 from llmctl.shards import TokenShards, encode_corpus
@@ -192,6 +193,19 @@ def test_foreign_rule_is_followed(foreign, tmp_path, monkeypatch):
     shards = TokenShards(tmp_path / "shards")
     assert len(shards) == len(want) and shards.read(0, len(want)).tolist() == want
     assert meta["prefix"] == prefix and meta["bos_id"] == (prefix[0] if prefix else None) and meta["eos_id"] == eos[0]
+
+
+def test_shards_need_an_eos_only(tok, tmp_path):
+    class NoEos:  # the same tokenizer without an eos token: documents could not be told apart
+        def __getattr__(self, name):
+            return getattr(tok, name)
+
+        eos_id = None
+
+    (tmp_path / "c.txt").write_text("a document\n")
+    with pytest.raises(UserError, match="has no eos token"):
+        encode_corpus([str(tmp_path / "c.txt")], NoEos(), tmp_path / "out")
+    assert not (tmp_path / "out").exists()
 
 
 def test_foreign_generate_equals_transformers(foreign):
