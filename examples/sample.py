@@ -6,6 +6,7 @@ greedy completion, sample a batch with seeds, and run a beam search.
 
 import argparse
 
+from llmctl.chat import encode_prompt, fit_prompt
 from llmctl.engine import Engine, SamplingParams
 from llmctl.hf import load_model
 from llmctl.tokenizer import load_tokenizer
@@ -19,8 +20,9 @@ def main():
     args = ap.parse_args()
     tok = load_tokenizer(args.model)
     engine = Engine(load_model(args.model), tok)  # eval mode, fp32 on CPU
-    ids = [tok.bos_id] + tok.encode(args.prompt)  # prompts are token ids; BOS first, as in pretraining
-    ids, _ = engine.fit_prompt(ids, args.max_new_tokens, keep_first=1)  # keep BOS + the end if it is too long
+    # prompts are token ids: the tokenizer's prefix (BOS for llmctl's, as in pretraining) + the text, the ids
+    # AutoTokenizer(prompt) gives; cut to the context keeping that prefix and the end (as `llmctl generate`)
+    ids, _ = fit_prompt(tok, encode_prompt(tok, args.prompt), engine.block_size, args.max_new_tokens)
 
     print("greedy, streamed:")
     stream = engine.stream(ids, SamplingParams(max_new_tokens=args.max_new_tokens, temperature=0))

@@ -14,7 +14,9 @@ a token is trained when it starts inside such a span. That covers the reply and 
 (`<|im_end|>`, `<|eot_id|>`, `</s>`), never the role header or the user's text.
 
 Prompts (`encode_prompt`, `fit_prompt`): the one prompt encoder of `llmctl generate`, exact-match evaluation and
-RL rollouts, so a template that renders for `sft` renders for `generate --chat` too.
+RL rollouts, so a template that renders for `sft` renders for `generate --chat` too. `prefix_ids`: what goes
+before every plain text (the tokenizer's own rule, `Tokenizer.prefix`), so a prompt is what
+`AutoTokenizer(text).input_ids` gives.
 """
 
 from __future__ import annotations
@@ -141,39 +143,42 @@ def encode(tok, messages: Sequence[dict], add_generation_prompt: bool = False) -
 
 
 def prefix_ids(tok) -> list[int]:
-    """What goes before every context in evaluation and RL: [bos], else [eos] (lm-eval's prefix token), else []."""
-    for i in (tok.bos_id, tok.eos_id):
-        if i is not None:
-            return [i]
-    return []
+    """What goes before every text llmctl feeds a model -- prompts, shard documents, SFT / preference rows,
+    evaluation contexts: the tokenizer's own rule (`Tokenizer.prefix`, as `AutoTokenizer(text)` applies it: [bos]
+    for llmctl's and Llama's tokenizers, [] for Qwen's and GPT-2's); an object without that rule: [bos] if any."""
+    p = getattr(tok, "prefix", None)
+    if p is not None:
+        return list(p)
+    return [] if tok.bos_id is None else [tok.bos_id]
 
 
-def encode_prompt(tok, text: str | None = None, *, messages=None, chat: bool = False,
-                  always_prefix: bool = False) -> list[int]:  # fmt: skip
-    """The ids a generation starts from. With `chat` or `messages`: the chat template with the generation prompt
-    (`text` as a user message), rendered as `encode` renders it. Else the text after a start token: always_prefix
-    (evaluation and RL) puts `prefix_ids` before it; otherwise (`llmctl generate`) BOS only when the tokenizer has
-    one distinct from EOS (GPT-2's <|endoftext|> is both: its prompts start bare), and an empty prompt is BOS, else
-    EOS, alone."""
+def start_ids(tok) -> list[int]:
+    """What a context that must not be empty starts from: `prefix_ids`, else [eos] (lm-eval's prefix token)."""
+    return prefix_ids(tok) or ([] if tok.eos_id is None else [tok.eos_id])
+
+
+def encode_prompt(tok, text: str | None = None, *, messages=None, chat: bool = False) -> list[int]:
+    """The ids a generation starts from (`llmctl generate`, exact-match evaluation, RL rollouts). With `chat` or
+    `messages`: the chat template with the generation prompt (`text` as a user message), rendered as `encode`
+    renders it. Else `prefix_ids` + the text: what `AutoTokenizer(text).input_ids` gives; an empty prompt with
+    nothing before it is [eos] alone."""
     if messages is not None or chat:
         msgs = check_messages(list(messages) if messages is not None else [{"role": "user", "content": text}])
         return tok.encode(render(tok.chat_template, tok.special_tokens_map, msgs, True), allow_special=True)
-    ids = tok.encode(text)
-    if always_prefix:
-        return prefix_ids(tok) + ids
-    if tok.bos_id is not None and (not ids or tok.bos_id != tok.eos_id):
-        ids = [tok.bos_id] + ids
+    ids = prefix_ids(tok) + tok.encode(text)
     if not ids:
-        if tok.eos_id is None:
+        ids = start_ids(tok)
+        if not ids:
             raise UserError("an empty prompt needs a BOS or EOS token, and this tokenizer has neither")
-        ids = [tok.eos_id]
     return ids
 
 
 def fit_prompt(tok, ids: list[int], context: int, max_new_tokens: int) -> tuple[list[int], bool]:
-    """(ids, cut): a prompt longer than context - max_new_tokens keeps its first token when that is BOS, and its
-    last ones. ValueError when max_new_tokens leaves no room."""
-    keep, room = int(bool(ids) and ids[0] == tok.bos_id), context - max_new_tokens
+    """(ids, cut): a prompt longer than context - max_new_tokens keeps its start (`prefix_ids`, or BOS that a
+    chat template put first) and its last tokens. ValueError when max_new_tokens leaves no room."""
+    p = prefix_ids(tok)
+    keep = len(p) if p and list(ids[: len(p)]) == p else int(bool(ids) and ids[0] == tok.bos_id)
+    room = context - max_new_tokens
     if room < 1 + keep:
         raise ValueError(f"max_new_tokens must be below the model's context of {context} tokens, got {max_new_tokens}")
     if len(ids) <= room:

@@ -2,8 +2,9 @@
 answers, preference accuracy. Library code: `llmctl eval` (llmctl/stages/eval.py) wires it to the command line.
 
 Corpus scoring (`corpus_loss`, tasks `ppl` and `bpb`)
-    Documents are tokenized and joined into one stream exactly as token shards store them,
-    `[bos] doc1 [eos] [bos] doc2 [eos] ...` (a tokenizer without bos / eos: what it has), and every token after
+    Documents are tokenized and joined into one stream as token shards store them, `prefix doc1 [eos] prefix
+    doc2 [eos] ...` (prefix: the tokenizer's own rule, chat.prefix_ids: [bos] for llmctl's and Llama's tokenizers;
+    one that puts nothing before a text, Qwen's or GPT-2's, starts the stream with eos), and every token after
     the first is predicted exactly once, by sliding windows (`sliding_windows`): with context L (default the
     model's block_size) and stride S (default L // 2), window k reads tokens [kS, kS + L) and predicts tokens
     [kS + 1, kS + L]; only the predictions no earlier window made are counted, and the last window is moved
@@ -15,8 +16,9 @@ Corpus scoring (`corpus_loss`, tasks `ppl` and `bpb`)
 
 Log-likelihoods (`score_pairs`, task `mc`, task `preference`, the lm-eval adapter)
     A (context, continuation) pair is tokenized as lm-eval-harness does: trailing whitespace of the context moves
-    to the continuation, ctx = encode(context), cont = encode(context + continuation)[len(ctx):]; llmctl also
-    puts bos (else eos) before the context, as the model saw documents in pretraining. ctx + cont is cut to its
+    to the continuation, ctx = encode(context), cont = encode(context + continuation)[len(ctx):]; the context
+    starts with what the tokenizer puts before a text (chat.prefix_ids, [bos] for llmctl's tokenizers, as the
+    model saw documents in pretraining; an empty context with nothing before it: eos). ctx + cont is cut to its
     last block_size + 1 tokens; the score is the sum of log p over the continuation tokens.
     mc: each choice is the continuation " " + choice of the question; acc = argmax of the log-likelihoods is the
     answer, acc_norm = argmax of log-likelihood / len(choice) in characters (lm-eval-harness's acc_norm).
@@ -40,7 +42,7 @@ from typing import Iterable, Sequence
 import numpy as np
 import torch
 
-from llmctl.chat import encode_prompt, fit_prompt, prefix_ids
+from llmctl.chat import encode_prompt, fit_prompt, prefix_ids, start_ids
 from llmctl.errors import UserError
 from llmctl.hf import check_vocab
 from llmctl.progress import progress_bar
@@ -128,13 +130,14 @@ def sliding_windows(n_tokens: int, context: int, stride: int) -> list[tuple[int,
 
 
 def corpus_stream(texts: Iterable[str], tok) -> np.ndarray:
-    """The token stream of documents as token shards hold it: [bos] ids [eos] per document (int64); a
-    tokenizer whose bos is its eos puts that token once between documents."""
-    head = [] if tok.bos_id is None else [tok.bos_id]
+    """The token stream of documents as token shards hold it: prefix ids [eos] per document (int64; prefix:
+    chat.prefix_ids). Without a prefix of its own, or when it is the eos token (GPT-2's <|endoftext|>), eos starts
+    the stream and stands once between documents, so the first text token is predicted too."""
+    head = prefix_ids(tok)
     tail = [] if tok.eos_id is None else [tok.eos_id]
     parts, batch = [], []
-    if head and head == tail:  # one token for both (GPT-2's <|endoftext|>): <eot> doc1 <eot> doc2 <eot>
-        parts, head = [np.asarray(head, dtype=np.int64)], []
+    if not head or head == tail:  # <eos> doc1 <eos> doc2 <eos>
+        parts, head = [np.asarray(tail, dtype=np.int64)], []
 
     def flush():
         for ids in tok.encode_batch(batch):  # special-token strings in the text stay text
@@ -203,13 +206,14 @@ def corpus_loss(model, tok, texts: Sequence[str], **kwargs) -> dict:
 
 
 def encode_pair(tok, context: str, continuation: str) -> tuple[list[int], list[int]]:
-    """(context ids, continuation ids) as lm-eval-harness splits them (see the module doc), context after bos."""
+    """(context ids, continuation ids) as lm-eval-harness splits them (see the module doc), the context after the
+    tokenizer's prefix (an empty one: after eos when there is no prefix)."""
     n = len(context) - len(context.rstrip())
     if n:
         context, continuation = context[:-n], context[-n:] + continuation
     whole = tok.encode(context + continuation)
     ctx = tok.encode(context)
-    return prefix_ids(tok) + ctx, whole[len(ctx) :]
+    return (prefix_ids(tok) + ctx) or start_ids(tok), whole[len(ctx) :]
 
 
 @torch.inference_mode()
@@ -350,16 +354,17 @@ def matches(completion: str, answer) -> bool:
 
 def generate_completions(model, tok, prompts: Sequence[str], max_new_tokens: int = 32, until: Sequence[str] = ("\n",),
                          batch_size: int | None = 16, chat: bool = False) -> list[str]:
-    """Greedy completions through the generate engine (llmctl.engine): each prompt after bos (or, with chat, as
-    a user message in the chat template, stopping at <|im_end|>), cut before the first of `until`; a prompt too
-    long for the context keeps bos and its last tokens (chat.encode_prompt, chat.fit_prompt)."""
+    """Greedy completions through the generate engine (llmctl.engine): each prompt as `llmctl generate` encodes
+    it, after the tokenizer's prefix (or, with chat, as a user message in the chat template, stopping at
+    <|im_end|>), cut before the first of `until`; stopping at every EOS id of the model (Tokenizer.eos_ids); a
+    prompt too long for the context keeps its prefix and its last tokens (chat.encode_prompt, chat.fit_prompt)."""
     from llmctl.engine import Engine, SamplingParams
 
     stop_ids = (tok.im_end_id,) if chat and tok.im_end_id is not None else ()
     try:
         params = SamplingParams(max_new_tokens=max_new_tokens, temperature=0.0, stop=tuple(until),
                                 stop_token_ids=stop_ids)  # fmt: skip
-        ids = [fit_prompt(tok, encode_prompt(tok, p, chat=chat, always_prefix=True), model.config.block_size,
+        ids = [fit_prompt(tok, encode_prompt(tok, p, chat=chat), model.config.block_size,
                           max_new_tokens)[0] for p in prompts]  # fmt: skip
     except ValueError as e:
         raise UserError(f"--max-new-tokens: {e}") from None

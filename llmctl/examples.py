@@ -4,7 +4,8 @@ and collate; and the one step -> micro-batch slicer of every training stage.
 Files (`load`): `.jsonl` / `.jsonl.gz`, one JSON object a line, blank lines skipped. Each kind has a shape (SHAPES);
 a row that does not fit, or that its encoder refuses, is a UserError naming FILE:LINE.
     sft           {"messages": [...]} (the chat template; loss on assistant turns) or {"prompt", "completion"}
-                  (bos + prompt + completion + eos; loss on the completion and eos)
+                  (prefix + prompt + completion + eos, prefix: what the tokenizer puts before a text,
+                  chat.prefix_ids, bos for llmctl's tokenizers; loss on the completion and eos)
     preference    {"prompt", "chosen", "rejected"}: two sequences sharing the prompt, loss on each response
     prompts       {"prompt", "answer" (optional)}: RL prompts
     exact-match   {"prompt", "answer"}; mc {"question", "choices", "answer": INDEX}: `llmctl eval` records
@@ -34,6 +35,7 @@ from typing import Callable
 import numpy as np
 import torch
 
+from llmctl.chat import prefix_ids
 from llmctl.data import iter_jsonl
 from llmctl.errors import UserError
 
@@ -137,9 +139,8 @@ def encode_sft(tok, row) -> tuple[list[int], list[int]]:
     if isinstance(row, dict) and "messages" in row:
         return tok.encode_chat(row["messages"])
     if isinstance(row, dict) and isinstance(row.get("prompt"), str) and isinstance(row.get("completion"), str):
-        bos = [] if tok.bos_id is None else [tok.bos_id]
         eos = [] if tok.eos_id is None else [tok.eos_id]
-        p, c = bos + tok.encode(row["prompt"]), tok.encode(row["completion"]) + eos
+        p, c = prefix_ids(tok) + tok.encode(row["prompt"]), tok.encode(row["completion"]) + eos
         return p + c, [0] * len(p) + [1] * len(c)
     raise UserError(f"expected {SHAPES['sft'][0]}")
 

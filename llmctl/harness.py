@@ -1,8 +1,9 @@
 """lm-evaluation-harness adapter: an llmctl model as an `lm_eval` LM (`llmctl eval --harness TASK`).
 
 lm-eval is an optional extra (`pip install 'llmctl[harness]'`; the `test` extra installs it). Requests go
-through llmctl.evaluate: `loglikelihood` -> score_pairs (lm-eval's context / continuation split, bos first),
-`loglikelihood_rolling` -> lm-eval's own rolling windows (context_len 1) scored by score_tokens,
+through llmctl.evaluate: `loglikelihood` -> score_pairs (lm-eval's context / continuation split, after the
+tokenizer's prefix), `loglikelihood_rolling` -> lm-eval's own rolling windows (context_len 1, after the
+tokenizer's prefix, else eos) scored by score_tokens,
 `generate_until` -> evaluate.generate_completions (greedy, through the generate engine llmctl.engine).
 
 Tasks: names of lm-eval tasks, or of tasks defined by YAML files under `include` (lm-eval's include_path),
@@ -18,7 +19,7 @@ import os
 import sys
 
 from llmctl import evaluate
-from llmctl.chat import prefix_ids
+from llmctl.chat import start_ids
 from llmctl.errors import UserError
 
 
@@ -52,7 +53,7 @@ def make_lm(model, tok, batch_size: int = 16):
         def loglikelihood_rolling(self, requests, disable_tqdm: bool = False):
             from lm_eval.utils import get_rolling_token_windows, make_disjoint_window
 
-            prefix = prefix_ids(self.tok)
+            prefix = start_ids(self.tok)
             if not prefix:
                 raise UserError("loglikelihood_rolling needs a bos or eos token to start from")
             out = []

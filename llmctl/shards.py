@@ -1,11 +1,15 @@
 """Token shards: corpora encoded into memory-mappable token ids (`encode_corpus` writes them, `TokenShards` reads
 them). A shard directory holds
 - `train_00000.bin`, `train_00001.bin`, ... and `val_00000.bin`, ...: raw little-endian token ids (uint16 when the
-  vocabulary fits, else uint32), every document as `[bos] + ids + [eos]`, concatenated; a shard holds at most
+  vocabulary fits, else uint32), every document as `prefix + ids + [eos]`, concatenated, where prefix is what the
+  tokenizer's own rule puts before a text (chat.prefix_ids: `[bos]` for llmctl's and Llama's tokenizers, nothing
+  for Qwen's or GPT-2's, whose documents are then separated by eos alone); a shard holds at most
   `max_shard_tokens` ids and a document may continue into the next shard;
-- `meta.json`: `format`, `version`, `dtype`, `vocab_size`, `tokenizer_hash`, `bos_id`, `eos_id`, `token_bytes`,
-  `documents`, `val_fraction`, `seed`, `max_shard_tokens`, `corpus`, and `splits` = {"train": S, "val": S} with
+- `meta.json`: `format`, `version`, `dtype`, `vocab_size`, `tokenizer_hash`, `prefix` (the ids before every
+  document), `bos_id` (null when documents start without BOS), `eos_id`, `token_bytes`, `documents`,
+  `val_fraction`, `seed`, `max_shard_tokens`, `corpus`, and `splits` = {"train": S, "val": S} with
   S = {`shards`: [file names], `shard_tokens`: [ids per shard], `tokens`, `documents`, `text_bytes`}.
+  (Shards written before `prefix` was recorded start every document with `bos_id`.)
 `TokenShards` checks what it reads -- meta.json's keys and types, the shard names and sizes, and every token id
 against `vocab_size` -- so damaged or mismatched shards are one UserError before any training starts.
 """
@@ -22,6 +26,7 @@ from pathlib import Path
 
 import numpy as np
 
+from llmctl.chat import prefix_ids
 from llmctl.checkpoint import publish_dir, writing
 from llmctl.data import _datasets, read_corpus, remove_stale
 from llmctl.errors import UserError
@@ -79,15 +84,17 @@ class _ShardWriter:
                 "documents": self.documents, "text_bytes": self.text_bytes}
 
 
-def _with_bos_eos(values: np.ndarray, offsets: np.ndarray, bos: int, eos: int) -> np.ndarray:
-    """Flat ids of n documents (arrow list layout) -> the flat `[bos] + ids + [eos]` sequence."""
-    n = offsets.size - 1
-    out = np.empty(values.size + 2 * n, dtype=np.int64)
-    shift = 2 * np.arange(n)
-    starts, ends = offsets[:-1] + shift, offsets[1:] + shift + 1
+def _with_prefix_eos(values: np.ndarray, offsets: np.ndarray, prefix: list[int], eos: int) -> np.ndarray:
+    """Flat ids of n documents (arrow list layout) -> the flat `prefix + ids + [eos]` sequence."""
+    n, p = offsets.size - 1, len(prefix)
+    out = np.empty(values.size + (p + 1) * n, dtype=np.int64)
+    starts = offsets[:-1] + (p + 1) * np.arange(n)  # where document i's prefix begins
+    ends = offsets[1:] + (p + 1) * np.arange(n) + p  # where its eos goes
     keep = np.ones(out.size, dtype=bool)
-    keep[starts] = keep[ends] = False
-    out[starts], out[ends], out[keep] = bos, eos, values
+    for j, t in enumerate(prefix):
+        out[starts + j], keep[starts + j] = t, False
+    keep[ends] = False
+    out[ends], out[keep] = eos, values
     return out
 
 
@@ -122,7 +129,8 @@ def _tokenize(ds, tokenizer, num_proc: int | None):
                   features=features, desc="Tokenizing", new_fingerprint=fingerprint)
 
 
-def _write_splits(encoded, is_val: np.ndarray, out_dir: Path, dtype, bos: int, eos: int, max_tokens: int) -> dict:
+def _write_splits(encoded, is_val: np.ndarray, out_dir: Path, dtype, prefix: list[int], eos: int,
+                  max_tokens: int) -> dict:  # fmt: skip
     writers = {s: _ShardWriter(out_dir, s, dtype, max_tokens) for s in ("train", "val")}
     first = 0
     with progress_bar(len(encoded), "Writing shards") as advance:
@@ -135,7 +143,7 @@ def _write_splits(encoded, is_val: np.ndarray, out_dir: Path, dtype, bos: int, e
                     ids = part.column("ids").combine_chunks()
                     offsets = ids.offsets.to_numpy().astype(np.int64)
                     values = ids.flatten().to_numpy(zero_copy_only=False)
-                    writers[split].write(_with_bos_eos(values, offsets - offsets[0], bos, eos))
+                    writers[split].write(_with_prefix_eos(values, offsets - offsets[0], prefix, eos))
                     writers[split].documents += part.num_rows
                     writers[split].text_bytes += int(np.sum(part.column("nbytes").to_numpy()))
             advance(table.num_rows)
@@ -150,8 +158,9 @@ def encode_corpus(specs: list[str], tokenizer, out_dir, val_fraction: float = 0.
     missing, empty, or an earlier shard directory (which is then replaced); anything else is refused."""
     if not 0.0 <= val_fraction < 1.0:
         raise UserError(f"val fraction must be in [0, 1), got {val_fraction}")
-    if tokenizer.bos_id is None or tokenizer.eos_id is None:
-        raise UserError(f"tokenizer {tokenizer.path} has no bos / eos token")
+    if tokenizer.eos_id is None:
+        raise UserError(f"tokenizer {tokenizer.path} has no eos token (it ends every document in the shards)")
+    prefix = prefix_ids(tokenizer)
     out = Path(out_dir)
     _check_out_dir(out)
     ds = read_corpus(specs, num_proc=num_proc)
@@ -166,11 +175,12 @@ def encode_corpus(specs: list[str], tokenizer, out_dir, val_fraction: float = 0.
         os.umask(umask)
         tmp.chmod(0o777 & ~umask)  # mkdtemp makes it private; the result should be an ordinary directory
         splits = _write_splits(encoded, assign_val(len(ds), val_fraction, seed), tmp, dtype,
-                               tokenizer.bos_id, tokenizer.eos_id, max_shard_tokens)
+                               prefix, tokenizer.eos_id, max_shard_tokens)
         meta = {
             "format": FORMAT, "version": VERSION, "dtype": np.dtype(dtype).name,
             "vocab_size": tokenizer.vocab_size, "tokenizer_hash": tokenizer.hash(),
-            "bos_id": tokenizer.bos_id, "eos_id": tokenizer.eos_id, "documents": len(ds),
+            "prefix": prefix, "bos_id": tokenizer.bos_id if tokenizer.bos_id in prefix else None,
+            "eos_id": tokenizer.eos_id, "documents": len(ds),
             "val_fraction": val_fraction, "seed": seed, "max_shard_tokens": max_shard_tokens,
             "corpus": [str(s) for s in specs], "splits": splits, "token_bytes": tokenizer.token_bytes().tolist(),
         }
@@ -217,6 +227,8 @@ def _check_meta(meta: dict, meta_file: Path) -> dict:
     for key in ("bos_id", "eos_id"):
         if key in meta and meta[key] is not None and not is_int(meta[key]):
             raise bad(key, "a token id")
+    if "prefix" in meta and not (isinstance(meta["prefix"], list) and all(is_int(i) for i in meta["prefix"])):
+        raise bad("prefix", "a list of token ids")
     if "tokenizer_hash" in meta and not isinstance(meta["tokenizer_hash"], str):
         raise bad("tokenizer_hash", "a string")
     splits = meta.get("splits")

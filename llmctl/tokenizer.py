@@ -1,15 +1,31 @@
 """Byte-level BPE tokenizer: training, loading, special tokens, chat template.
 
 A trained tokenizer is the pair of files Hugging Face expects in a model directory:
-- `tokenizer.json`: a `tokenizers` byte-level BPE (GPT-2 regex, no prefix space, no normaliser, no
-  post-processor: encoding never adds special tokens by itself); the 256 byte symbols are always in the
-  vocabulary, so any text encodes, and decoding gives the text back exactly;
-- `tokenizer_config.json` (+ `special_tokens_map.json`): bos / eos / pad tokens, `model_max_length` and a
-  ChatML chat template, so `transformers.AutoTokenizer.from_pretrained(DIR)` loads it ready for chat.
+- `tokenizer.json`: a `tokenizers` byte-level BPE (GPT-2 regex, no prefix space, no normaliser) whose
+  post-processor (`TemplateProcessing`, as Llama's) puts `<|bos|>` before a text (and before each text of a
+  pair); the 256 byte symbols are always in the vocabulary, so any text encodes, and decoding gives the text back
+  exactly;
+- `tokenizer_config.json` (+ `special_tokens_map.json`): bos / eos / pad tokens, `add_bos_token: true`,
+  `add_eos_token: false`, `model_max_length` and a ChatML chat template, so
+  `transformers.AutoTokenizer.from_pretrained(DIR)(text).input_ids` is `[<|bos|>] + ids`: the ids llmctl feeds
+  its model (shards, prompts, SFT rows), and `apply_chat_template` gives the ids of `encode_chat`.
 
 The special tokens sit at ids 0..4: `<|pad|>`, `<|bos|>`, `<|eos|>`, `<|im_start|>`, `<|im_end|>`.
 `Tokenizer` also wraps foreign Hugging Face tokenizers (Llama, GPT-2, Qwen2 ...); there bos / eos / pad come from
 `tokenizer_config.json` and the ids of missing special tokens are None.
+
+`Tokenizer.encode` never adds special tokens. What goes before a text is one rule, `Tokenizer.prefix`: the
+tokenizer's own, as transformers applies it -- `[bos]` when tokenizer_config.json says `add_bos_token: true` (an
+explicit `add_bos_token` / `add_eos_token` there decides, as in transformers, and so does its absence when
+tokenizer.json has no post-processor), else what tokenizer.json's post-processor puts before a text (Llama 3:
+`<|begin_of_text|>`; Qwen2 / 3 and GPT-2: nothing). Prompts, shards, SFT / preference rows and evaluation
+contexts all start with it (chat.prefix_ids). A text that must not be empty with nothing before it (an empty
+prompt, an evaluation context) starts with eos instead (chat.start_ids, lm-eval's prefix token).
+Tokenizer files llmctl wrote before it had a post-processor (`<|bos|>` at id 1, no post-processor) keep their
+rule, BOS first, as their models were trained.
+
+`Tokenizer.eos_ids`: every id that ends a generation -- the eos token and the `eos_token_id` (an id or a list,
+Llama 3 instruct: [128001, 128008, 128009]) of the config.json and generation_config.json beside tokenizer.json.
 """
 
 from __future__ import annotations
@@ -67,7 +83,8 @@ def bytes_to_unicode() -> dict[int, str]:
 class Tokenizer:
     """A loaded tokenizer: `encode` / `decode` without implicit special tokens, plus the special ids."""
 
-    def __init__(self, hf_tokenizer, path: Path | None = None, config: dict | None = None):
+    def __init__(self, hf_tokenizer, path: Path | None = None, config: dict | None = None,
+                 model_eos: Iterable[int] = ()):  # fmt: skip
         self.hf = hf_tokenizer
         self.path = path  # the tokenizer.json it was loaded from (None when trained in memory)
         self.config = config or {}
@@ -77,11 +94,11 @@ class Tokenizer:
         self.eos_id = self._special_id("eos_token", EOS)
         self.im_start_id = self.hf.token_to_id(IM_START)
         self.im_end_id = self.hf.token_to_id(IM_END)
+        # every id that ends a generation: eos and the model folder's eos_token_id(s) (see the module doc)
+        self.eos_ids: frozenset[int] = frozenset({*model_eos, *([] if self.eos_id is None else [self.eos_id])})
 
     def _special_id(self, key: str, default: str) -> int | None:
-        tok = self.config.get(key)
-        if isinstance(tok, dict):
-            tok = tok.get("content")
+        tok = _special(self.config, key)
         return self.hf.token_to_id(tok if isinstance(tok, str) else default)
 
     def __repr__(self) -> str:
@@ -98,6 +115,24 @@ class Tokenizer:
     def encode_batch(self, texts: Sequence[str], allow_special: bool = False) -> list[list[int]]:
         self.hf.encode_special_tokens = not allow_special
         return [e.ids for e in self.hf.encode_batch(list(texts), add_special_tokens=False)]
+
+    @cached_property
+    def prefix(self) -> list[int]:
+        """The ids the tokenizer's own rule puts before a text, as `AutoTokenizer(text)` does (see the module doc):
+        [bos] for llmctl's and Llama's tokenizers, [] for Qwen's and GPT-2's."""
+        cfg = self.config
+        if "add_bos_token" in cfg or "add_eos_token" in cfg or self.hf.post_processor is None:
+            return [self.bos_id] if cfg.get("add_bos_token") is True and self.bos_id is not None else []
+        return self._processor_prefix()
+
+    def _processor_prefix(self) -> list[int]:
+        """What tokenizer.json's post-processor puts before a text ([] without one)."""
+        if self.hf.post_processor is None:
+            return []
+        plain = self.hf.encode("a", add_special_tokens=False).ids
+        full = self.hf.encode("a", add_special_tokens=True).ids
+        n = len(plain)
+        return next((full[:k] for k in range(len(full) - n + 1) if full[k : k + n] == plain), [])
 
     def decode(self, ids: Iterable[int], skip_special_tokens: bool = False) -> str:
         return self.hf.decode([int(i) for i in ids], skip_special_tokens=skip_special_tokens)
@@ -178,6 +213,9 @@ class Tokenizer:
         """Write tokenizer.json, tokenizer_config.json and special_tokens_map.json into `out_dir`."""
         out_dir = Path(out_dir)
         out_dir.mkdir(parents=True, exist_ok=True)
+        prefix = self.prefix
+        if self._processor_prefix() != prefix:  # the rule came from tokenizer_config.json: tokenizer.json says it too
+            self.hf.post_processor = prefix_processor([self.id_to_token(i) for i in prefix], prefix)
         atomic_write(out_dir / "tokenizer.json", self.hf.to_str(pretty=True))
         names = {k: v for k, v in self.special_tokens_map.items() if k in ("bos_token", "eos_token", "pad_token")}
         max_len = model_max_length or self.config.get("model_max_length") or DEFAULT_MODEL_MAX_LENGTH
@@ -186,9 +224,9 @@ class Tokenizer:
             **names,
             "model_max_length": int(max_len),
             "clean_up_tokenization_spaces": False,
-            "add_bos_token": False,
-            "add_eos_token": False,
         }
+        if prefix in ([], [self.bos_id]):  # transformers rebuilds the post-processor from these: [bos] or nothing
+            config.update(add_bos_token=bool(prefix), add_eos_token=False)
         if self.config.get("chat_template"):
             config["chat_template"] = self.config["chat_template"]
         elif self.im_start_id is not None and self.im_end_id is not None:
@@ -197,7 +235,17 @@ class Tokenizer:
         atomic_write(out_dir / "special_tokens_map.json", json.dumps(names, indent=2, ensure_ascii=False) + "\n")
         self.path = out_dir / "tokenizer.json"
         self.config = config
+        self.__dict__.pop("prefix", None)
         return out_dir
+
+
+def prefix_processor(tokens: Sequence[str], ids: Sequence[int]):
+    """A `TemplateProcessing` post-processor putting `tokens` before a text and before each text of a pair (as
+    transformers builds Llama's: `<s>:0 $A:0 <s>:1 $B:1`)."""
+    tp = _hf().processors.TemplateProcessing
+    single = " ".join([f"{t}:0" for t in tokens] + ["$A:0"])
+    pair = " ".join([single] + [f"{t}:1" for t in tokens] + ["$B:1"])
+    return tp(single=single, pair=pair, special_tokens=sorted(set(zip(tokens, ids)), key=lambda x: x[1]))
 
 
 def tokenizer_json_hash(obj: dict) -> str:
@@ -235,7 +283,9 @@ def train_tokenizer(texts: Iterable[str] | Iterable[list[str]], vocab_size: int,
     tok.train_from_iterator(texts, trainer=trainer, length=length)
     for i, t in enumerate(SPECIAL_TOKENS):
         assert tok.token_to_id(t) == i, f"special token {t} is not at id {i}"
-    return Tokenizer(tok, config={"model_max_length": DEFAULT_MODEL_MAX_LENGTH, "chat_template": CHAT_TEMPLATE})
+    tok.post_processor = prefix_processor([BOS], [BOS_ID])
+    return Tokenizer(tok, config={"model_max_length": DEFAULT_MODEL_MAX_LENGTH, "chat_template": CHAT_TEMPLATE,
+                                  "add_bos_token": True, "add_eos_token": False})  # fmt: skip
 
 
 def find_tokenizer_file(path: str | Path) -> Path:
@@ -269,5 +319,30 @@ def load_tokenizer(path: str | Path) -> Tokenizer:
             raise UserError(f"{cfg_file}: invalid JSON ({e})") from e
         if not isinstance(config, dict):
             raise UserError(f"{cfg_file}: expected a JSON object")
-    return Tokenizer(hf, path=file, config=config)
+    if hf.post_processor is None and _special(config, "bos_token") == BOS and \
+            all(hf.id_to_token(i) == t for i, t in enumerate(SPECIAL_TOKENS)):  # fmt: skip
+        # written by llmctl before tokenizer.json had its post-processor: BOS first, as its models were trained
+        hf.post_processor = prefix_processor([BOS], [BOS_ID])
+        config = {**config, "add_bos_token": True, "add_eos_token": False}
+    return Tokenizer(hf, path=file, config=config, model_eos=model_eos_ids(file.parent))
+
+
+def _special(config: dict, key: str):
+    tok = config.get(key)
+    return tok.get("content") if isinstance(tok, dict) else tok
+
+
+def model_eos_ids(folder: Path) -> set[int]:
+    """The `eos_token_id`s (an id or a list) of `folder`'s config.json and generation_config.json, if any.
+    Unreadable files add nothing here (loading the model reports them)."""
+    out = set()
+    for name in ("config.json", "generation_config.json"):
+        try:
+            v = json.loads((Path(folder) / name).read_text(encoding="utf-8")).get("eos_token_id")
+        except (OSError, ValueError, AttributeError):
+            continue
+        for i in v if isinstance(v, list) else [v]:
+            if isinstance(i, int) and not isinstance(i, bool) and i >= 0:
+                out.add(i)
+    return out
 

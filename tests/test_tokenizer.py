@@ -124,11 +124,13 @@ def test_transformers_loads_it_and_encodes_identically(tok, tok_dir, tmp_path):
         if "<|" in text:
             continue  # transformers maps special-token strings to their ids, like allow_special=True
         ids = hf(text, add_special_tokens=True)["input_ids"]
-        assert ids == tok.encode(text)
-        assert hf.decode(ids) == text
+        assert ids == [T.BOS_ID] + tok.encode(text)  # BOS by the post-processor, as llmctl feeds its models
+        assert hf(text, add_special_tokens=False)["input_ids"] == tok.encode(text)
+        assert hf.decode(ids[1:]) == text == hf.decode(ids, skip_special_tokens=True)
     # A transformers round trip (save_pretrained) keeps the same tokenizer.
     hf.save_pretrained(str(tmp_path / "hf"))
     assert T.load_tokenizer(tmp_path / "hf").hash() == tok.hash()
+    assert T.load_tokenizer(tmp_path / "hf").prefix == [T.BOS_ID]
 
 
 def test_chat_template_through_transformers(tok, tok_dir):

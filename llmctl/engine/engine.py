@@ -136,10 +136,11 @@ class Engine:
         """fast: decode with FastDecode (copies of the weights; share_weights: re-point the model's weights at
         them instead, for an inference-only model). compile: run its static-shape step through torch.compile
         (True: inductor, with CUDA graphs on a GPU; a string: that backend); sampled batches only, rows are then
-        not dropped from a batch. eos_ids: default the tokenizer's and the config's EOS. prompt_lookup: drafts of
-        up to this many tokens by prompt lookup (lookup.py; 0 = off): the same tokens, fewer forward passes when
-        the text repeats itself (code, quoting, extraction, a looping model); one-prompt batches with any
-        settings, greedy batches without penalties row by row, drafts of up to min(this, 3). Counts in `stats`."""
+        not dropped from a batch. eos_ids: default the tokenizer's `eos_ids` (its EOS and the eos_token_id list
+        of its model folder) and the config's EOS. prompt_lookup: drafts of up to this many tokens by prompt
+        lookup (lookup.py; 0 = off): the same tokens, fewer forward passes when the text repeats itself (code,
+        quoting, extraction, a looping model); one-prompt batches with any settings, greedy batches without
+        penalties row by row, drafts of up to min(this, 3). Counts in `stats`."""
         if not (isinstance(prompt_lookup, int) and prompt_lookup >= 0):
             raise ValueError(f"prompt_lookup must be an integer >= 0, got {prompt_lookup!r}")
         self.prompt_lookup = prompt_lookup
@@ -159,7 +160,8 @@ class Engine:
         cfg = self.model.config
         self.block_size = cfg.block_size
         self.device = self.model.lm_head.weight.device
-        eos = (getattr(tokenizer, "eos_id", None), cfg.eos_token_id) if eos_ids is None else eos_ids
+        eos = ((*getattr(tokenizer, "eos_ids", ()), getattr(tokenizer, "eos_id", None), cfg.eos_token_id)
+               if eos_ids is None else eos_ids)  # fmt: skip
         self.eos_ids = {int(i) for i in eos if i is not None}
         pad = cfg.pad_token_id if cfg.pad_token_id is not None else getattr(tokenizer, "pad_id", None)
         self.pad_id = int(pad) if pad is not None and 0 <= pad < cfg.vocab_size else 0

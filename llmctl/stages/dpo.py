@@ -1,9 +1,10 @@
 """`llmctl rlhf` with `method: dpo`: direct preference optimisation on pairs {"prompt", "chosen", "rejected"}.
 
 Encoding (examples.encode_preference): with data.chat the prompt is a user message and the response the assistant
-turn, through the chat template; else bos + prompt + response + eos. The response tokens (with the end-of-turn
-token) are what the summed log-probs cover. A sequence longer than the context is cut at the right; a pair that
-loses every response token of one side is dropped (both counted on stderr).
+turn, through the chat template; else prefix + prompt + response + eos (prefix: chat.prefix_ids, bos for llmctl's
+tokenizers). The response tokens (with the end-of-turn token) are what the summed log-probs cover. A sequence
+longer than the context is cut at the right; a pair that loses every response token of one side is dropped (both
+counted on stderr).
 
 The loss is `losses.dpo_loss` on summed response log-probs (evaluate.token_logprobs), with beta, label smoothing
 (conservative DPO) and the IPO variant (dpo.loss_type: ipo). The reference log-probs are computed once at start-up,

@@ -1,10 +1,14 @@
 """`llmctl generate`: a PROMPT, stdin lines or JSONL in; completions out (stdout: results only).
 
 Documented behaviours (README and `llmctl generate --help`):
-- a prompt is BOS + its text (BOS only when the tokenizer has one distinct from EOS; GPT-2 has none);
-- an empty line / prompt is an empty prompt: the model continues from BOS (or EOS) alone, an unconditional sample;
-- a prompt longer than the context allows (block_size - max_new_tokens tokens) keeps its first token when it is
-  BOS and its last tokens, with a warning on stderr; --max-new-tokens must be below the context;
+- a prompt is its text after what the tokenizer's own rule puts before a text (Tokenizer.prefix: BOS for
+  llmctl's and Llama's tokenizers, nothing for Qwen's and GPT-2's), the ids `AutoTokenizer(text)` gives;
+- an empty line / prompt is an empty prompt: the model continues from that prefix (or EOS) alone, an
+  unconditional sample;
+- a prompt longer than the context allows (block_size - max_new_tokens tokens) keeps that prefix and its last
+  tokens, with a warning on stderr; --max-new-tokens must be below the context;
+- generation stops at any of the model's EOS ids (the tokenizer's, and config.json's / generation_config.json's
+  `eos_token_id`, which may be a list);
 - plain output is one completion per input line with `\\` -> `\\\\`, newline -> `\\n`, CR -> `\\r` (other
   line-breaking characters -> `\\xHH` / `\\uHHHH`);
 - --json writes JSONL; an input line starting with `{` is a JSON object (`prompt` or chat `messages`, optional
@@ -103,16 +107,9 @@ def load_engine(model_path, device: str | None = None, compile: bool = False, ad
         from llmctl import lora
 
         model = lora.merged(model, adapter)
-    eos = {tok.eos_id, model.config.eos_token_id}
-    gc = d / "generation_config.json"
-    if gc.is_file():
-        try:
-            v = json.loads(gc.read_text(encoding="utf-8")).get("eos_token_id")
-        except (OSError, ValueError, AttributeError):
-            v = None
-        eos |= set(v) if isinstance(v, list) else {v}
-    eos_ids = [int(i) for i in eos if isinstance(i, int)]
-    return Engine(model, tok, eos_ids=eos_ids, share_weights=True, compile=compile, prompt_lookup=prompt_lookup)
+    # stops on every EOS: the tokenizer's eos_ids (its eos, config.json's and generation_config.json's
+    # eos_token_id, a list for Llama 3 instruct) and the model config's
+    return Engine(model, tok, share_weights=True, compile=compile, prompt_lookup=prompt_lookup)
 
 
 def fit(engine, text: str | None, chat: bool, params, where: str, stderr: TextIO, messages=None) -> list[int]:

@@ -2,9 +2,9 @@
 
 The model is `reward.RewardModel`: the init_from transformer with a scalar head read at each sequence's last token,
 every weight trained with the Bradley-Terry loss -log sigmoid(r_chosen - r_rejected) (`losses.bradley_terry_loss`).
-Pairs are encoded as DPO's (examples.encode_preference: the chat template with data.chat, else bos + prompt +
-response + eos), rows right-padded with the tokenizer's pad id. Checkpoints are sequence-classification folders
-(`AutoModelForSequenceClassification` loads them, `reward.load_reward_model` too).
+Pairs are encoded as DPO's (examples.encode_preference: the chat template with data.chat, else prefix + prompt
++ response + eos, prefix: chat.prefix_ids), rows right-padded with the tokenizer's pad id. Checkpoints are
+sequence-classification folders (`AutoModelForSequenceClassification` loads them, `reward.load_reward_model` too).
 
 The loop's unit (`count`, its `tokens` and `tok_per_s`) is the PAIR, and the loss is the sum of the per-pair
 losses, so every figure is a mean over pairs. Training figures: accuracy (r_c > r_r, ties one half), margin

@@ -5,9 +5,10 @@ Rollouts
     over data.train (epochs shuffled with numpy.random.default_rng([seed, epoch]); process `rank` takes its P).
     GRPO samples each prompt `rl.group_size` times, PPO once. Prompts go through chat.encode_prompt as exact-match
     evaluation encodes them (the chat template as user messages when data.chat, generation stopping at
-    <|im_end|>; else after bos); generation also stops at EOS and at a newline, so a rollout's reward is what
-    evaluation would score. Sampling goes through the generate engine with `rl.temperature` / `rl.top_p` and one
-    seed per sample, derived from (seed, r, rank, sample): a run is reproducible, whatever the batch. The batch is
+    <|im_end|>; else after the tokenizer's prefix, bos for llmctl's); generation also stops at every EOS id of
+    the model and at a newline, so a rollout's reward is what evaluation would score. Sampling goes through the
+    generate engine with `rl.temperature` / `rl.top_p` and one seed per sample, derived from (seed, r, rank,
+    sample): a run is reproducible, whatever the batch. The batch is
     then scored without gradient, train.micro_batch_size sequences at a time: the log-probs of the sampled tokens
     under the policy (old_logp, the clipped objective's denominator), under the frozen reference
     (policy.reference(): init_from / ref_from, or with LoRA the base with adapters disabled), and PPO's values.
@@ -140,7 +141,7 @@ class RlTask:
     def prompt_ids(self, i: int) -> list[int]:
         """Row i's prompt, its end kept (next to the generation prompt) when it is too long."""
         if i not in self._encoded:
-            ids = encode_prompt(self.tok, self.rows[i]["prompt"], chat=self.chat, always_prefix=True)
+            ids = encode_prompt(self.tok, self.rows[i]["prompt"], chat=self.chat)
             self._encoded[i] = fit_prompt(self.tok, ids, self.T, self.rl.max_new_tokens)[0]
         return self._encoded[i]
 
