@@ -12,6 +12,7 @@ huggingface_hub (installed with transformers) is imported only when a hub id is 
 from __future__ import annotations
 
 import re
+import sys
 from pathlib import Path
 
 from llmctl.errors import UserError
@@ -82,7 +83,10 @@ def download(spec: str, revision: str | None = None, cache_dir: Path | None = No
     rev = revision or rev
     from huggingface_hub import constants, snapshot_download
     from huggingface_hub import errors as e
+    from huggingface_hub.utils import disable_progress_bars
 
+    if not sys.stderr.isatty():
+        disable_progress_bars()  # progress bars only on a terminal
     where = f"{repo}" + (f" (revision {rev})" if rev else "")
     try:
         path = Path(snapshot_download(repo, revision=rev, cache_dir=cache_dir, allow_patterns=ALLOW_PATTERNS))

@@ -2,7 +2,8 @@
 huggingface_hub's own layout (`hub/models--org--name/{blobs, snapshots/<commit>, refs/<ref>}`, files as relative
 symlinks to content-addressed blobs, checked by huggingface_hub's `scan_cache_dir`) holds tiny llmctl models;
 MODEL=org/name[@revision] resolves there, an absent id names `llmctl download`, a local path wins. `download`
-runs only offline here (HF_HUB_OFFLINE=1, or an endpoint nothing listens on): no test touches the network."""
+runs offline (HF_HUB_OFFLINE=1, an endpoint nothing listens on) and against a stand-in Hub on 127.0.0.1 (the few
+endpoints snapshot_download calls, with the Hub's error codes): no test touches the network."""
 
 from __future__ import annotations
 
@@ -11,7 +12,10 @@ import json
 import os
 import subprocess
 import sys
+import threading
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
+from urllib.parse import unquote, urlparse
 
 import pytest
 import torch
@@ -252,3 +256,98 @@ def test_download_keeps_to_safetensors_json_and_tokenizer_files():
              "flax_model.msgpack", "model.onnx", "model.ckpt", "README.md", ".gitattributes"]
     kept = set(filter_repo_objects(files, allow_patterns=hub.ALLOW_PATTERNS))
     assert kept == set(files[:11]), kept
+
+
+# ------------------------------------------------------------------------------ a stand-in Hub on this machine
+
+
+def fake_hub(repos: dict, commit: str) -> ThreadingHTTPServer:
+    """An HTTP server answering what snapshot_download asks the Hub (repo info, the file tree, /resolve/ HEAD and
+    GET) for `repos` ({repo id: {path: bytes}}) at `commit` (also `main`); `org/gated` is gated (403 GatedRepo),
+    another id is unknown (404 RepoNotFound), another revision too (404 RevisionNotFound). `served` lists the
+    files it sent."""
+
+    class Handler(BaseHTTPRequestHandler):
+        def log_message(self, *args):
+            pass
+
+        def send(self, code, body=b"", headers=()):
+            self.send_response(code)
+            for k, v in headers:
+                self.send_header(k, v)
+            self.send_header("Content-Length", str(len(body)))
+            self.end_headers()
+            if self.command != "HEAD":
+                self.wfile.write(body)
+
+        def error(self, code, kind):
+            self.send(code, json.dumps({"error": kind}).encode(), [("X-Error-Code", kind)])
+
+        def do_GET(self):
+            parts = unquote(urlparse(self.path).path).strip("/").split("/")
+            if len(parts) >= 6 and parts[:2] == ["api", "models"]:  # /api/models/ORG/NAME/{revision,tree}/REV
+                repo, kind, rev, name = "/".join(parts[2:4]), parts[4], parts[5], None
+            elif len(parts) >= 5 and parts[2] == "resolve":  # /ORG/NAME/resolve/REV/FILE
+                repo, kind, rev, name = "/".join(parts[:2]), "resolve", parts[3], "/".join(parts[4:])
+            else:
+                return self.error(404, "EntryNotFound")
+            if repo == "org/gated":
+                return self.error(403, "GatedRepo")
+            if repo not in repos:
+                return self.error(404, "RepoNotFound")
+            if rev not in ("main", commit):
+                return self.error(404, "RevisionNotFound")
+            files = repos[repo]
+            if kind == "revision":
+                info = {"id": repo, "sha": commit, "siblings": [{"rfilename": f} for f in files]}
+                return self.send(200, json.dumps(info).encode())
+            if kind == "tree":
+                tree = [{"type": "file", "path": f, "size": len(b), "oid": hashlib.sha1(b).hexdigest()}
+                        for f, b in files.items()]  # fmt: skip
+                return self.send(200, json.dumps(tree).encode())
+            if name not in files:
+                return self.error(404, "EntryNotFound")
+            self.server.served.add(name)
+            body = files[name]
+            self.send(200, body, [("X-Repo-Commit", commit), ("ETag", f'"{hashlib.sha1(body).hexdigest()}"')])
+
+        do_HEAD = do_GET
+
+    server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+    server.served = set()
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    return server
+
+
+PICKLES = ("pytorch_model.bin", "model.pt", "consolidated.pth", "tf_model.h5", "flax_model.msgpack", "model.onnx",
+           "model.ckpt", "README.md")
+
+
+def test_download_from_a_hub_then_generate_offline(cache, tmp_path):
+    """`llmctl download` through huggingface_hub fetches the safetensors, JSON and tokenizer files only (never a
+    pickle), prints the snapshot, shows no progress bar off a terminal; the model then runs offline."""
+    model = {p.name: p.read_bytes() for p in cache["m2"].iterdir()}
+    repos = {"org/tiny": {**model, **{f: b"not for llmctl" for f in PICKLES}},
+             "org/pickled": {"config.json": b"{}", "pytorch_model.bin": b"pickle"}}
+    server = fake_hub(repos, COMMIT_B)
+    home = tmp_path / "home"
+    online = dict(HF_HOME=home, HF_HUB_OFFLINE="0", HF_ENDPOINT=f"http://127.0.0.1:{server.server_port}",
+                  HF_HUB_DISABLE_TELEMETRY="1")
+    try:
+        r = proc("download", "org/tiny", cwd=tmp_path, **online)
+        assert r.returncode == 0 and r.stderr == "", r.stderr
+        snap = Path(r.stdout.strip())
+        assert snap == home / "hub" / "models--org--tiny" / "snapshots" / COMMIT_B
+        assert sorted(p.name for p in snap.iterdir()) == sorted(model)
+        assert server.served == set(model)  # no pickle, not even fetched
+        for args, message in [(["org/absent"], "no model org/absent on the Hugging Face Hub"),
+                              (["org/gated"], "org/gated is gated: accept its terms"),
+                              (["org/tiny", "--revision", "nope"], "model org/tiny has no revision 'nope'"),
+                              (["org/pickled"], "org/pickled has no safetensors weights")]:  # fmt: skip
+            r = proc("download", *args, cwd=tmp_path, **online)
+            assert r.returncode == 2 and message in one_error_line(r.stderr), (args, r.stderr)
+    finally:
+        server.shutdown()
+    r = proc("generate", "--model", "org/tiny", *GREEDY, "Hello", cwd=tmp_path, HF_HOME=home, HF_HUB_OFFLINE="1")
+    assert r.returncode == 0, r.stderr
+    assert r.stdout == llmctl("generate", "--model", cache["m2"], *GREEDY, "Hello")[1]
