@@ -235,6 +235,9 @@ def test_download_offline(cache, tmp_path):
     assert Path(r.stdout.strip()) == cache["hub"] / "models--org--tiny" / "snapshots" / COMMIT_A
     r = proc("download", "org/tiny", "--revision", "v2", cwd=tmp_path, **env)
     assert r.returncode == 0 and r.stdout.strip().endswith(COMMIT_B), r.stderr
+    r = proc("download", "org/tiny", cwd=tmp_path, HF_HOME=tmp_path / "other", HF_HUB_CACHE=cache["hub"],
+             HF_HUB_OFFLINE="1")  # HF_HUB_CACHE before HF_HOME, as huggingface_hub has it
+    assert r.returncode == 0 and r.stdout.strip().endswith(COMMIT_A), r.stderr
     r = proc("download", "./not-an-id", cwd=tmp_path, **env)
     assert r.returncode == 2 and "not a Hugging Face model id" in one_error_line(r.stderr)
 
