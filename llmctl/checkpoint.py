@@ -50,7 +50,16 @@ def latest_checkpoint(run_dir: Path) -> Path | None:
 
 
 def resolve_model_dir(path: str | Path, need: str = "config.json") -> Path:
-    """MODEL -> a directory holding `need`: the directory itself, or a run directory's newest complete checkpoint."""
+    """MODEL -> a directory holding `need`: the directory itself, a run directory's newest complete checkpoint, or
+    the cached snapshot of a Hugging Face hub id (`org/name[@revision]`, see hub.py; a local path wins)."""
+    from llmctl import hub
+
+    snapshot = hub.resolve(path)
+    if snapshot is not None:
+        if not (snapshot / need).is_file():
+            raise UserError(f"{path} in the local Hugging Face cache ({snapshot}) has no {need} (an interrupted "
+                            f"download? fetch it again with: llmctl download {path})")
+        return snapshot
     p = Path(path)
     if not p.exists():
         raise UserError(f"no such file or directory: {p}")

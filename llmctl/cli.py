@@ -54,7 +54,7 @@ def _guard(fn):
             raise
         except BrokenPipeError:
             # `llmctl ... | head -1`: the reader of stdout went away; end quietly. (stderr can't raise this: see
-            # _QuietStderr.)
+            # streams.QuietStderr.)
             try:
                 devnull = os.open(os.devnull, os.O_WRONLY)
                 os.dup2(devnull, sys.stdout.fileno())
@@ -80,69 +80,6 @@ def _guard(fn):
         return result
 
     return wrapper
-
-
-class _QuietStderr:
-    """sys.stderr that a closed or vanished reader can't break: the first failed write sends fd 2 to /dev/null
-    and the run goes on (`llmctl pretrain ... 2>&1 >/dev/null | head -1` trains to the end)."""
-
-    def __init__(self, stream):
-        self._stream = stream
-        self._dead = False
-
-    def _died(self):
-        self._dead = True
-        try:
-            fd = os.open(os.devnull, os.O_WRONLY)
-            os.dup2(fd, self._stream.fileno())
-            os.close(fd)
-        except (OSError, ValueError):
-            pass
-
-    def write(self, text):
-        if not self._dead:
-            try:
-                return self._stream.write(text)
-            except (OSError, ValueError):
-                self._died()
-        return len(text)
-
-    def flush(self):
-        if not self._dead:
-            try:
-                self._stream.flush()
-            except (OSError, ValueError):
-                self._died()
-
-    def isatty(self):
-        return not self._dead and self._stream.isatty()
-
-    def __getattr__(self, name):
-        return getattr(self._stream, name)
-
-
-def _standard_streams() -> None:
-    """Closed standard descriptors (`2>&-`) become /dev/null, so that no file llmctl opens later takes fd 0-2 and
-    gets written by a stray print; stderr is wrapped in _QuietStderr."""
-    for fd in (0, 1, 2):
-        try:
-            os.fstat(fd)
-        except OSError:
-            try:
-                new = os.open(os.devnull, os.O_RDWR)
-                if new != fd:
-                    os.dup2(new, fd)
-                    os.close(new)
-            except OSError:
-                pass
-    if sys.stdin is None:
-        sys.stdin = open(0, "r", closefd=False)
-    if sys.stdout is None:
-        sys.stdout = open(1, "w", closefd=False)
-    if sys.stderr is None:
-        sys.stderr = open(2, "w", closefd=False)
-    if not isinstance(sys.stderr, _QuietStderr):
-        sys.stderr = _QuietStderr(sys.stderr)
 
 
 def _version_callback(value: bool):
@@ -266,8 +203,8 @@ def lora(
     show_mask: bool = typer.Option(False, "--show-mask", help="Show the supervised tokens of the first examples "
                                    "and exit."),
     out: Optional[Path] = typer.Option(None, "--out", help="merge: the model directory to write."),
-    base: Optional[Path] = typer.Option(None, "--base", help="merge: the base MODEL (default: the adapter's "
-                                        "base_model_name_or_path)."),
+    base: Optional[str] = typer.Option(None, "--base", help="merge: the base MODEL (default: the adapter's "
+                                       "base_model_name_or_path)."),
     force: bool = typer.Option(False, "--force", help="merge: replace a non-empty --out directory (even the base "
                                "model's own)."),
 ):
@@ -341,8 +278,9 @@ def generate(
                                            "completion per stdout line (backslash, newline and CR escaped as "
                                            "\\\\, \\n, \\r); an empty line is an empty prompt (the model "
                                            "starts from BOS alone)."),
-    model: Path = typer.Option(..., "--model", help="A model directory, a checkpoint, a run directory (its newest "
-                               "checkpoint) or a local Hugging Face Llama / GPT-2 folder."),
+    model: str = typer.Option(..., "--model", help="A model directory, a checkpoint, a run directory (its newest "
+                              "checkpoint), a local Hugging Face folder, or a hub id org/name[@revision] in the "
+                              "local Hugging Face cache (see `llmctl download`)."),
     max_new_tokens: Optional[int] = typer.Option(None, "--max-new-tokens", help="At most this many new tokens "
                                                  "(default 128, or half the context if less). A longer prompt "
                                                  "than the context leaves room for keeps its BOS and its last "
@@ -376,8 +314,8 @@ def generate(
                                          "available)."),
     compile: bool = typer.Option(False, "--compile", help="torch.compile the decode step (CUDA graphs on a GPU); "
                                  "compiling takes a while, so it pays off on long runs."),
-    adapter: Optional[Path] = typer.Option(None, "--adapter", help="A LoRA adapter folder or `llmctl lora` run "
-                                           "directory, merged into MODEL (its base) for generation."),
+    adapter: Optional[str] = typer.Option(None, "--adapter", help="A LoRA adapter folder or `llmctl lora` run "
+                                          "directory, merged into MODEL (its base) for generation."),
     prompt_lookup: int = typer.Option(8, "--prompt-lookup", help="Speculative decoding with up to N draft "
                                       "tokens looked up in the prompt and text so far, verified in one pass (one "
                                       "prompt at a time, or a greedy batch with up to 3 per row); the tokens are "
@@ -402,7 +340,8 @@ def generate(
 @app.command("eval")
 @_guard
 def eval_cmd(
-    model: Path = typer.Option(..., "--model", help="A model directory or a run directory (its newest checkpoint)."),
+    model: str = typer.Option(..., "--model", help="A model directory, a run directory (its newest checkpoint) "
+                              "or a hub id org/name[@revision] in the local Hugging Face cache."),
     task: Optional[str] = typer.Option(None, "--task", help="ppl | bpb | mc | exact-match | preference."),
     data: Optional[List[str]] = typer.Option(None, "--data", help="ppl / bpb: a CORPUS (repeatable); mc, "
                                              "exact-match, preference: a JSONL file."),
@@ -420,8 +359,8 @@ def eval_cmd(
     max_new_tokens: int = typer.Option(32, "--max-new-tokens", help="exact-match: tokens generated per prompt."),
     chat: bool = typer.Option(False, "--chat", help="exact-match, preference: each prompt as a user message in the "
                               "chat template (preference: each completion as the assistant's reply)."),
-    ref_model: Optional[Path] = typer.Option(None, "--ref-model", help="preference: score log p(model) - "
-                                             "log p(ref), DPO's implicit reward."),
+    ref_model: Optional[str] = typer.Option(None, "--ref-model", help="preference: score log p(model) - "
+                                            "log p(ref), DPO's implicit reward."),
     device: Optional[str] = typer.Option(None, "--device", help="cpu, cuda, cuda:1 ... (default: cuda if available)."),
     dtype: str = typer.Option("float32", "--dtype", help="float32 | bfloat16 | float16."),
     as_json: bool = typer.Option(False, "--json", help="Print one JSON document on stdout."),
@@ -429,8 +368,8 @@ def eval_cmd(
     report: Optional[Path] = typer.Option(None, "--report", help="Record the result in DIR/evals.jsonl and write "
                                           "DIR/report.md + DIR/curves.png."),
     lineage: bool = typer.Option(False, "--lineage", help="Evaluate every stage of MODEL's run lineage."),
-    adapter: Optional[Path] = typer.Option(None, "--adapter", help="A LoRA adapter folder or `llmctl lora` run "
-                                           "directory, merged into MODEL (its base)."),
+    adapter: Optional[str] = typer.Option(None, "--adapter", help="A LoRA adapter folder or `llmctl lora` run "
+                                          "directory, merged into MODEL (its base)."),
 ):
     """Perplexity, bits per byte, multiple choice, exact match, preference, lm-eval tasks; a report card."""
     from llmctl.stages import eval as stage
@@ -441,8 +380,28 @@ def eval_cmd(
               as_json=as_json, samples=samples, report=report, lineage=lineage, adapter=adapter)
 
 
+# --------------------------------------------------------------------------------------------- download
+
+
+@app.command("download")
+@_guard
+def download(
+    model_id: str = typer.Argument(..., metavar="ID", help="A Hugging Face model id: org/name[@revision]."),
+    revision: Optional[str] = typer.Option(None, "--revision", help="A branch, tag or commit (default: main)."),
+    cache_dir: Optional[Path] = typer.Option(None, "--cache-dir", help="Another cache directory than "
+                                             "HF_HUB_CACHE / HF_HOME/hub (MODEL=ID finds it with HF_HUB_CACHE=D)."),
+):
+    """Fetch a Hugging Face model's safetensors, JSON configs and tokenizer files (never pickled weights) into the
+    local Hugging Face cache, where MODEL=ID finds them offline; print the snapshot directory."""
+    from llmctl import hub
+
+    print(hub.download(model_id, revision=revision, cache_dir=cache_dir))
+
+
 def main() -> None:
-    _standard_streams()
+    from llmctl.streams import standard_streams
+
+    standard_streams()
     app()
 
 

@@ -268,7 +268,7 @@ class RlhfRecipe:
 
 def reward_kind(spec: str) -> str:
     """What rl.reward names: "exact-match", "function" (path/to/file.py:function, the file exists) or "model" (a
-    directory); anything else is a UserError (the function and the model are loaded by the stage)."""
+    directory, or a hub id in the local Hugging Face cache); anything else is a UserError (the function and the model are loaded by the stage)."""
     if spec == "exact-match":
         return spec
     if ".py:" in spec or spec.endswith(".py"):
@@ -279,6 +279,14 @@ def reward_kind(spec: str) -> str:
             raise UserError(f"rl.reward: no such file: {path} (expected path/to/file.py:function)")
         return "function"
     if Path(spec).is_dir():
+        return "model"
+    from llmctl import hub
+
+    if hub.hub_id(spec) is not None and ("/" in spec or "@" in spec):  # a hub id: in the cache, or the hint
+        try:
+            hub.resolve(spec)
+        except UserError as e:
+            raise UserError(f"rl.reward: {e}") from None
         return "model"
     raise UserError(f"rl.reward: expected exact-match, a reward model directory or path/to/file.py:function; "
                     f"got {spec!r} (no such directory)")

@@ -91,8 +91,9 @@ def apply(model, section):
     return peft.get_peft_model(model, cfg)
 
 
-def _fix_config(adapter_dir: Path, arch: str, base: str | None) -> None:
-    """Make adapter_config.json what transformers-side peft expects for this base."""
+def _fix_config(adapter_dir: Path, arch: str, base: str | None, revision: str | None = None) -> None:
+    """Make adapter_config.json what transformers-side peft expects for this base (a path, or a hub id with its
+    revision in peft's `revision` field)."""
     p = adapter_dir / "adapter_config.json"
     cfg = json.loads(p.read_text())
     cfg["task_type"] = "CAUSAL_LM"
@@ -100,17 +101,18 @@ def _fix_config(adapter_dir: Path, arch: str, base: str | None) -> None:
     cfg["fan_in_fan_out"] = arch == "gpt2"  # Conv1D there
     if base is not None:
         cfg["base_model_name_or_path"] = base
+        cfg["revision"] = revision
     atomic_write(p, json.dumps(cfg, indent=2, sort_keys=True) + "\n")
 
 
-def save_adapter(peft_model, out_dir, base: str | None, tokenizer_dir=None) -> Path:
+def save_adapter(peft_model, out_dir, base: str | None, tokenizer_dir=None, revision: str | None = None) -> Path:
     """Write a peft adapter folder (adapter_config.json, adapter_model.safetensors) plus the tokenizer files."""
     from llmctl.hf import copy_tokenizer
     from llmctl.model import unwrap
 
     out = Path(out_dir)
     peft_model.save_pretrained(str(out), safe_serialization=True, save_embedding_layers=False)
-    _fix_config(out, unwrap(peft_model).config.arch, base)
+    _fix_config(out, unwrap(peft_model).config.arch, base, revision)
     copy_tokenizer(tokenizer_dir, out)
     return out
 
@@ -138,9 +140,15 @@ def resolve_adapter(path) -> Path:
 
 
 def base_of(adapter) -> str:
-    """The base MODEL an adapter was trained on (its adapter_config.json's base_model_name_or_path)."""
+    """The base MODEL an adapter was trained on: its adapter_config.json's base_model_name_or_path, a local folder
+    or a hub id (at peft's `revision`, when recorded) that the local Hugging Face cache holds."""
+    from llmctl import hub
+
     d = resolve_adapter(adapter)
-    base = json.loads((d / "adapter_config.json").read_text()).get("base_model_name_or_path")
+    cfg = json.loads((d / "adapter_config.json").read_text())
+    base, rev = cfg.get("base_model_name_or_path"), cfg.get("revision")
+    if base and not Path(base).exists() and hub.hub_id(base) is not None:
+        return f"{base}@{rev}" if rev and "@" not in base else base  # resolve_model_dir names the download
     if not base or not Path(base).exists():
         raise UserError(f"{d}: its base model {base!r} is not a local folder; name the base explicitly")
     return base

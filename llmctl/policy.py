@@ -10,7 +10,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from llmctl import hf
+from llmctl import hf, hub
 from llmctl.checkpoint import resolve_model_dir
 from llmctl.errors import UserError
 from llmctl.evaluate import token_logprobs
@@ -25,6 +25,7 @@ class Policy:
 
     def __init__(self, init_from, lora_section=None, resume: Path | None = None, ref_from=None):
         self.base_dir = resolve_model_dir(init_from)
+        self.hub_base = hub.hub_id(init_from)  # (repo id, revision): adapters name the hub id, not the cache path
         self.tok = load_tokenizer(self.base_dir)
         self.lora = lora_section is not None
         self._ref_from, self._ref = ref_from, None
@@ -43,7 +44,8 @@ class Policy:
         if self.lora:
             from llmctl import lora as lora_lib
 
-            lora_lib.save_adapter(self.peft, out_dir, base=str(self.base_dir.resolve()), tokenizer_dir=self.tok.path)
+            base = self.hub_base or (str(self.base_dir.resolve()), None)
+            lora_lib.save_adapter(self.peft, out_dir, base=base[0], revision=base[1], tokenizer_dir=self.tok.path)
         else:
             hf.save_model(model, out_dir, tokenizer_dir=self.tok.path)
 

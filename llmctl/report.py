@@ -22,6 +22,7 @@ import os
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from llmctl import hub
 from llmctl.checkpoint import STEP_RE, atomic_write, resolve_model_dir
 from llmctl.errors import UserError
 
@@ -129,8 +130,9 @@ def lineage(model) -> list[Stage]:
         cur = None
         if init:
             p = Path(init)
-            if not p.exists() and not p.is_absolute() and st.run_dir is not None:
-                p = st.run_dir.parent / init  # a path relative to where the run was started
+            if not p.exists() and not p.is_absolute() and st.run_dir is not None and (
+                    hub.hub_id(init) is None or (st.run_dir.parent / init).exists()):
+                p = st.run_dir.parent / init  # a path relative to where the run was started (else a hub id)
             try:
                 _stage(p)
                 cur = p
