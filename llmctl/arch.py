@@ -46,6 +46,7 @@ class ModelConfig:
     dropout: float = bounded(0.0, ge=0, lt=1)  # attention probabilities, residual branches (and gpt2 embeddings)
     bos_token_id: Optional[int] = bounded(None, ge=0)
     eos_token_id: Optional[int] = bounded(None, ge=0)
+    eos_token_ids: Optional[tuple] = None  # all of the model's EOS ids when there are several (Llama 3 instruct)
     pad_token_id: Optional[int] = bounded(None, ge=0)
     init_std: float = bounded(0.02, gt=0)
     # --- family features (llama arch; hf.FAMILIES maps each Hugging Face model_type onto them) ---

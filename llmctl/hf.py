@@ -77,7 +77,8 @@ LLAMA_TYPES = tuple(FAMILIES)
 def config_to_hf(cfg: ModelConfig, dtype: torch.dtype = torch.float32) -> dict:
     """The config.json dict transformers needs to rebuild `cfg` as its family (read by transformers 4.x and 5.x)."""
     common = dict(
-        vocab_size=cfg.vocab_size, bos_token_id=cfg.bos_token_id, eos_token_id=cfg.eos_token_id,
+        vocab_size=cfg.vocab_size, bos_token_id=cfg.bos_token_id,
+        eos_token_id=list(cfg.eos_token_ids) if cfg.eos_token_ids else cfg.eos_token_id,
         pad_token_id=cfg.pad_token_id, tie_word_embeddings=cfg.tie_embeddings, initializer_range=cfg.init_std,
         use_cache=True, dtype=_dtype_name(dtype), torch_dtype=_dtype_name(dtype),
     )  # fmt: skip
@@ -198,7 +199,9 @@ def config_from_hf(d: dict) -> ModelConfig:
     mt = d.get("model_type")
     if d.get("quantization_config"):
         raise UserError("unsupported checkpoint: quantized weights (quantization_config); use the full-precision model")
-    ids = dict(bos_token_id=_first_id(d.get("bos_token_id")), eos_token_id=_first_id(d.get("eos_token_id")),
+    eos = d.get("eos_token_id")
+    ids = dict(bos_token_id=_first_id(d.get("bos_token_id")), eos_token_id=_first_id(eos),
+               eos_token_ids=tuple(eos) if isinstance(eos, list) and len(eos) > 1 else None,
                pad_token_id=_first_id(d.get("pad_token_id")))  # fmt: skip
     try:
         if mt == "gpt2":
@@ -299,6 +302,8 @@ def save_model(model, out_dir, *, tokenizer_dir=None, dtype=None) -> Path:
     dtype = _as_dtype(dtype) if dtype is not None else model.lm_head.weight.dtype
     tied = "lm_head.weight" if cfg.tie_embeddings else None  # HF re-ties it from the embedding
     gen = {k: getattr(cfg, k) for k in ("bos_token_id", "eos_token_id", "pad_token_id") if getattr(cfg, k) is not None}
+    if cfg.eos_token_ids:
+        gen["eos_token_id"] = list(cfg.eos_token_ids)  # every EOS id, as the source had them
     state = {("embed_out.weight" if cfg.arch == "neox" and k == "lm_head.weight" else k): t  # NeoX's own name
              for k, t in model.state_dict().items() if k != tied}  # fmt: skip
     return write_folder(out_dir, state, cfg.arch, dtype,

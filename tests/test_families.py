@@ -25,7 +25,8 @@ LLAMA3 = {"rope_type": "llama3", "rope_theta": 500000.0, "factor": 8.0, "low_fre
           "high_freq_factor": 4.0, "original_max_position_embeddings": 16}  # fmt: skip
 FAMILIES = {  # name: (config class, its arguments, llmctl features that must be on)
     "llama3.1": ("LlamaConfig", dict(rope_parameters=LLAMA3), dict(rope_type="llama3")),
-    "llama3.2": ("LlamaConfig", dict(rope_parameters=LLAMA3, tie_word_embeddings=True), dict(tie_embeddings=True)),
+    "llama3.2": ("LlamaConfig", dict(rope_parameters=LLAMA3, tie_word_embeddings=True, eos_token_id=[2, 5, 6]),
+                 dict(tie_embeddings=True, eos_token_ids=(2, 5, 6))),  # (several EOS ids, saved back as a list)
     "mistral": ("MistralConfig", dict(sliding_window=8), dict(sliding_window=8)),
     "qwen2": ("Qwen2Config", dict(use_sliding_window=True, sliding_window=8, max_window_layers=1,
                                   num_hidden_layers=3), dict(qkv_bias=True, sliding_window=8)),

@@ -160,7 +160,8 @@ class Engine:
         cfg = self.model.config
         self.block_size = cfg.block_size
         self.device = self.model.lm_head.weight.device
-        eos = ((*getattr(tokenizer, "eos_ids", ()), getattr(tokenizer, "eos_id", None), cfg.eos_token_id)
+        eos = ((*getattr(tokenizer, "eos_ids", ()), getattr(tokenizer, "eos_id", None), cfg.eos_token_id,
+                *(cfg.eos_token_ids or ()))
                if eos_ids is None else eos_ids)  # fmt: skip
         self.eos_ids = {int(i) for i in eos if i is not None}
         pad = cfg.pad_token_id if cfg.pad_token_id is not None else getattr(tokenizer, "pad_id", None)
