@@ -54,7 +54,7 @@ def _guard(fn):
             raise
         except BrokenPipeError:
             # `llmctl ... | head -1`: the reader of stdout went away; end quietly. (stderr can't raise this: see
-            # _QuietStderr.)
+            # streams.QuietStderr.)
             try:
                 devnull = os.open(os.devnull, os.O_WRONLY)
                 os.dup2(devnull, sys.stdout.fileno())
@@ -80,69 +80,6 @@ def _guard(fn):
         return result
 
     return wrapper
-
-
-class _QuietStderr:
-    """sys.stderr that a closed or vanished reader can't break: the first failed write sends fd 2 to /dev/null
-    and the run goes on (`llmctl pretrain ... 2>&1 >/dev/null | head -1` trains to the end)."""
-
-    def __init__(self, stream):
-        self._stream = stream
-        self._dead = False
-
-    def _died(self):
-        self._dead = True
-        try:
-            fd = os.open(os.devnull, os.O_WRONLY)
-            os.dup2(fd, self._stream.fileno())
-            os.close(fd)
-        except (OSError, ValueError):
-            pass
-
-    def write(self, text):
-        if not self._dead:
-            try:
-                return self._stream.write(text)
-            except (OSError, ValueError):
-                self._died()
-        return len(text)
-
-    def flush(self):
-        if not self._dead:
-            try:
-                self._stream.flush()
-            except (OSError, ValueError):
-                self._died()
-
-    def isatty(self):
-        return not self._dead and self._stream.isatty()
-
-    def __getattr__(self, name):
-        return getattr(self._stream, name)
-
-
-def _standard_streams() -> None:
-    """Closed standard descriptors (`2>&-`) become /dev/null, so that no file llmctl opens later takes fd 0-2 and
-    gets written by a stray print; stderr is wrapped in _QuietStderr."""
-    for fd in (0, 1, 2):
-        try:
-            os.fstat(fd)
-        except OSError:
-            try:
-                new = os.open(os.devnull, os.O_RDWR)
-                if new != fd:
-                    os.dup2(new, fd)
-                    os.close(new)
-            except OSError:
-                pass
-    if sys.stdin is None:
-        sys.stdin = open(0, "r", closefd=False)
-    if sys.stdout is None:
-        sys.stdout = open(1, "w", closefd=False)
-    if sys.stderr is None:
-        sys.stderr = open(2, "w", closefd=False)
-    if not isinstance(sys.stderr, _QuietStderr):
-        sys.stderr = _QuietStderr(sys.stderr)
 
 
 def _version_callback(value: bool):
@@ -442,7 +379,9 @@ def eval_cmd(
 
 
 def main() -> None:
-    _standard_streams()
+    from llmctl.streams import standard_streams
+
+    standard_streams()
     app()
 
 
