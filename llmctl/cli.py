@@ -302,6 +302,8 @@ def generate(
                                              "understood); the completion ends before it."),
     seed: Optional[int] = typer.Option(None, "--seed", help="Reproducible sampling: prompt N (from 0) uses "
                                        "seed + N."),
+    ignore_eos: bool = typer.Option(False, "--ignore-eos", help="Generate exactly --max-new-tokens tokens (EOS "
+                                    "and --chat's end of turn as plain tokens; a --stop string still stops)."),
     json_mode: bool = typer.Option(False, "--json", help="JSONL out ({id, completion, finish_reason, "
                                    "prompt_tokens, completion_tokens}); an input line starting with { is an "
                                    "object ({prompt | messages, id, sampling overrides}), another line a plain "
@@ -328,7 +330,7 @@ def generate(
     flags = dict(max_new_tokens=max_new_tokens, temperature=temperature, top_k=top_k, top_p=top_p, min_p=min_p,
                  repetition_penalty=repetition_penalty, frequency_penalty=frequency_penalty,
                  presence_penalty=presence_penalty, num_beams=num_beams, length_penalty=length_penalty,
-                 stop=tuple(stage.unescape(s) for s in stop or ()), seed=seed)
+                 stop=tuple(stage.unescape(s) for s in stop or ()), seed=seed, ignore_eos=ignore_eos)
     stage.run(model, prompt, flags, json_mode=json_mode, chat=chat, batch_size=batch_size, device=device,
               compile=compile, adapter=adapter, prompt_lookup=prompt_lookup)
 
