@@ -335,6 +335,27 @@ def generate(
               compile=compile, adapter=adapter, prompt_lookup=prompt_lookup)
 
 
+# --------------------------------------------------------------------------------------------- chat
+
+
+@app.command("chat", context_settings={"allow_extra_args": True, "ignore_unknown_options": True})
+@_guard
+def chat(
+    ctx: typer.Context,
+    model: Path = typer.Option(..., "--model", help="A MODEL whose tokenizer has a chat template (see generate)."),
+    adapter: Optional[Path] = typer.Option(None, "--adapter", help="A LoRA adapter, merged into MODEL."),
+    system: Optional[str] = typer.Option(None, "--system", help="The system message."),
+    device: Optional[str] = typer.Option(None, "--device", help="cpu, cuda, cuda:1 ... (default: cuda if available)."),
+):
+    """A multi-turn conversation: a REPL on a terminal (streamed replies; /system /reset /retry /set /save /help
+    /exit; Ctrl-C stops a reply, which stays on the screen but leaves the conversation; Ctrl-D ends), else one
+    user turn per stdin line, one reply per stdout line. Also takes generate's sampling flags (--temperature 0,
+    --top-p 0.9, --max-new-tokens N, --seed S, --stop S ...), which /set changes later."""
+    from llmctl.stages import chat as stage
+
+    stage.run(model, ctx.args, system=system, adapter=adapter, device=device)
+
+
 # --------------------------------------------------------------------------------------------- eval
 
 
