@@ -199,6 +199,7 @@ def test_history_cut_to_the_context(small, tmp_path):
     (["--max-new-tokens", "96"], "a\n", "--max-new-tokens (96) must be below the model's context of 96"),
     (["--bogus", "1"], "a\n", "unknown option '--bogus'"),
     (["--seed"], "a\n", "--seed needs a value"),
+    (["hello"], "a\n", "unexpected argument 'hello': chat takes no PROMPT"),
     ([], "a\n/set top_p 2\n", "stdin:2: /set: top_p must be in (0, 1], got 2.0"),
     ([], "/set colour blue\n", "stdin:1: /set: unknown setting 'colour'"),
     ([], "/frobnicate\n", "stdin:1: unknown command '/frobnicate'"),

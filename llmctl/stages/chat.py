@@ -86,6 +86,9 @@ def parse_flags(args: list[str]) -> dict:
         arg = args[i]
         key, eq, value = arg.partition("=")
         name = key.lstrip("-").replace("-", "_")
+        if not arg.startswith("-"):
+            raise UserError(f"unexpected argument {arg!r}: chat takes no PROMPT (type the messages, or pipe them "
+                            "into stdin)")
         if not key.startswith("--") or name not in SETTINGS:
             raise UserError(f"unknown option {arg!r} (chat takes --model, --adapter, --system, --device and "
                             f"generate's sampling flags: --temperature, --top-p, --max-new-tokens, --seed ...)")
@@ -239,7 +242,7 @@ class Chat:
         if not path:
             raise UserError("/save needs a FILE")
         messages = self.messages()
-        atomic_write(path, json.dumps({"messages": messages}, ensure_ascii=False, indent=1) + "\n")
+        atomic_write(os.path.expanduser(path), json.dumps({"messages": messages}, ensure_ascii=False, indent=1) + "\n")
         self.note(f"saved {len(messages)} messages to {path}")
 
 
