@@ -303,6 +303,8 @@ def generate(
                                              "understood); the completion ends before it."),
     seed: Optional[int] = typer.Option(None, "--seed", help="Reproducible sampling: prompt N (from 0) uses "
                                        "seed + N."),
+    ignore_eos: bool = typer.Option(False, "--ignore-eos", help="Generate exactly --max-new-tokens tokens (EOS "
+                                    "and --chat's end of turn as plain tokens; a --stop string still stops)."),
     json_mode: bool = typer.Option(False, "--json", help="JSONL out ({id, completion, finish_reason, "
                                    "prompt_tokens, completion_tokens}); an input line starting with { is an "
                                    "object ({prompt | messages, id, sampling overrides}), another line a plain "
@@ -329,9 +331,30 @@ def generate(
     flags = dict(max_new_tokens=max_new_tokens, temperature=temperature, top_k=top_k, top_p=top_p, min_p=min_p,
                  repetition_penalty=repetition_penalty, frequency_penalty=frequency_penalty,
                  presence_penalty=presence_penalty, num_beams=num_beams, length_penalty=length_penalty,
-                 stop=tuple(stage.unescape(s) for s in stop or ()), seed=seed)
+                 stop=tuple(stage.unescape(s) for s in stop or ()), seed=seed, ignore_eos=ignore_eos)
     stage.run(model, prompt, flags, json_mode=json_mode, chat=chat, batch_size=batch_size, device=device,
               compile=compile, adapter=adapter, prompt_lookup=prompt_lookup)
+
+
+# --------------------------------------------------------------------------------------------- chat
+
+
+@app.command("chat", context_settings={"allow_extra_args": True, "ignore_unknown_options": True})
+@_guard
+def chat(
+    ctx: typer.Context,
+    model: Path = typer.Option(..., "--model", help="A MODEL whose tokenizer has a chat template (see generate)."),
+    adapter: Optional[Path] = typer.Option(None, "--adapter", help="A LoRA adapter, merged into MODEL."),
+    system: Optional[str] = typer.Option(None, "--system", help="The system message."),
+    device: Optional[str] = typer.Option(None, "--device", help="cpu, cuda, cuda:1 ... (default: cuda if available)."),
+):
+    """A multi-turn conversation: a REPL on a terminal (streamed replies; /system /reset /retry /set /save /help
+    /exit; Ctrl-C stops a reply, which stays on the screen but leaves the conversation; Ctrl-D ends), else one
+    user turn per stdin line, one reply per stdout line. Also takes generate's sampling flags (--temperature 0,
+    --top-p 0.9, --max-new-tokens N, --seed S, --stop S ...), which /set changes later."""
+    from llmctl.stages import chat as stage
+
+    stage.run(model, ctx.args, system=system, adapter=adapter, device=device)
 
 
 # --------------------------------------------------------------------------------------------- eval

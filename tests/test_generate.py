@@ -1,5 +1,5 @@
 """`llmctl generate` end to end: lines in / lines out, JSONL, seeds, empty and over-long prompts, chat, stop strings,
-beams, MODEL kinds (model dir, run dir, transformers' GPT-2 folder), user errors and a closed pipe."""
+beams, --ignore-eos, MODEL kinds (model dir, run dir, transformers' GPT-2 folder), user errors and a closed pipe."""
 
 from __future__ import annotations
 
@@ -205,6 +205,43 @@ def test_prompt_streams_to_a_terminal(model_dir):
               stderr=io.StringIO())  # fmt: skip
     want = gen("--model", model_dir, "--temperature", 0, "--max-new-tokens", 20, "The Python")[1]
     assert out.getvalue() == want and len(out.writes) > 3
+
+
+def test_ignore_eos(model_dir, tmp_path):
+    """--ignore-eos: exactly --max-new-tokens tokens from a model that ends its text earlier (the token it picks
+    greedily at step 3 made an EOS id of the model folder); also per JSONL line, and with --chat."""
+    from llmctl.chat import encode_prompt
+    from llmctl.engine import SamplingParams
+    from llmctl.generation import load_engine
+
+    engine = load_engine(model_dir)
+    ids = encode_prompt(engine.tokenizer, "hi")
+    toks = engine.generate([ids], SamplingParams(max_new_tokens=16, temperature=0))[0].tokens
+    m = tmp_path / "m"
+    shutil.copytree(model_dir, m)
+    gc = json.loads((m / "generation_config.json").read_text())
+    gc["eos_token_id"] = [2, toks[3]]
+    (m / "generation_config.json").write_text(json.dumps(gc))
+
+    def run(*flags, input=None):
+        r = runner.invoke(app, ["generate", "--model", str(m), "--temperature", "0", "--max-new-tokens", "16",
+                                "--json", *flags], input=input)  # fmt: skip
+        assert r.exit_code == 0, r.stderr
+        return [json.loads(x) for x in r.stdout.splitlines()]
+
+    (early,) = run("hi")
+    assert early["finish_reason"] == "eos" and early["completion_tokens"] <= 4
+    (full,) = run("--ignore-eos", "hi")
+    assert full["finish_reason"] == "length" and full["completion_tokens"] == 16
+    assert full["completion"].startswith(early["completion"])
+    lines = [{"prompt": "hi"}, {"prompt": "hi", "ignore_eos": True}, {"prompt": "hi", "ignore_eos": True,
+                                                                      "max_new_tokens": 7}]  # fmt: skip
+    got = run(input="".join(json.dumps(x) + "\n" for x in lines))
+    assert [g["completion_tokens"] for g in got] == [early["completion_tokens"], 16, 7]
+    (chat,) = run("--chat", "--ignore-eos", "hi")  # the end of turn is a plain token too
+    assert chat["completion_tokens"] == 16
+    r = runner.invoke(app, ["generate", "--model", str(m), "--json"], input='{"prompt": "a", "ignore_eos": 1}\n')
+    assert r.exit_code == 2 and "field 'ignore_eos' must be a boolean" in r.stderr
 
 
 def test_chat_template_renders_in_generate_as_in_sft(tmp_path, tok_dir):

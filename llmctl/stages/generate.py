@@ -11,6 +11,8 @@ Documented behaviours (README and `llmctl generate --help`):
   `eos_token_id`, which may be a list);
 - plain output is one completion per input line with `\\` -> `\\\\`, newline -> `\\n`, CR -> `\\r` (other
   line-breaking characters -> `\\xHH` / `\\uHHHH`);
+- --ignore-eos: exactly --max-new-tokens tokens (benchmarks, load tests), unless a --stop string or the
+  context ends the text first; the model's EOS (and --chat's <|im_end|>) are generated as plain tokens;
 - --json writes JSONL; an input line starting with `{` is a JSON object (`prompt` or chat `messages`, optional
   `id` and sampling overrides), any other line a plain prompt; blank lines are skipped; a malformed object stops
   with `error: stdin:LINE: ...` (the batches before it are already out);
@@ -27,16 +29,11 @@ from typing import Any, TextIO
 
 from llmctl.data import check_unicode, text_lines
 from llmctl.errors import UserError
+from llmctl.generation import DEFAULT_MAX_NEW_TOKENS, SETTINGS, escape, load_engine, make_params
+from llmctl.generation import unescape  # noqa: F401  (the CLI's --stop)
 
-# per-item overrides accepted in --json mode and their JSON types
-OVERRIDES: dict[str, tuple] = {
-    "max_new_tokens": (int,), "temperature": (int, float), "top_k": (int,), "top_p": (int, float),
-    "min_p": (int, float), "repetition_penalty": (int, float), "frequency_penalty": (int, float),
-    "presence_penalty": (int, float), "num_beams": (int,), "length_penalty": (int, float), "stop": (str, list),
-    "seed": (int,),
-}  # fmt: skip
+OVERRIDES = SETTINGS  # per-item overrides accepted in --json mode and their JSON types
 KNOWN = set(OVERRIDES) | {"prompt", "messages", "id"}
-DEFAULT_MAX_NEW_TOKENS = 128
 
 
 @dataclass
@@ -46,70 +43,6 @@ class Item:
     params: Any  # SamplingParams
     id: Any = None
     has_id: bool = False
-
-
-def make_params(flags: dict, where: str | None = None):
-    """SamplingParams from CLI flags (or a JSON item's merged fields); a bad value is a UserError that names
-    the flag (`--top-p`) or the item (`stdin:3: top_p`)."""
-    from llmctl.engine import SamplingParams
-
-    try:
-        return SamplingParams(**flags)
-    except ValueError as e:
-        msg = str(e)
-        if where is not None:
-            raise UserError(f"{where}: {msg}") from None
-        name = msg.split()[0]
-        raise UserError("--" + name.replace("_", "-") + msg[len(name) :]) from None
-
-
-def unescape(s: str) -> str:
-    """`\\n`, `\\t`, `\\r` and `\\\\` in a --stop value."""
-    out, i = [], 0
-    while i < len(s):
-        if s[i] == "\\" and i + 1 < len(s) and s[i + 1] in "ntr\\":
-            out.append({"n": "\n", "t": "\t", "r": "\r", "\\": "\\"}[s[i + 1]])
-            i += 2
-        else:
-            out.append(s[i])
-            i += 1
-    return "".join(out)
-
-
-# every character str.splitlines() breaks on: \n, \r, then \x0b \x0c \x1c \x1d \x1e \x85 \u2028 \u2029
-_ESCAPES = {"\\": "\\\\", "\n": "\\n", "\r": "\\r"}
-_ESCAPES.update({c: f"\\x{ord(c):02x}" if ord(c) < 256 else f"\\u{ord(c):04x}"
-                 for c in "\x0b\x0c\x1c\x1d\x1e\x85\u2028\u2029"})  # fmt: skip
-_ESCAPE_TABLE = str.maketrans(_ESCAPES)
-
-
-def escape(s: str) -> str:
-    """One completion on one line: backslash -> `\\\\`, newline -> `\\n`, CR -> `\\r`, and the other characters
-    that split lines (vertical tab, form feed, U+2028 ...) -> `\\xHH` / `\\uHHHH`."""
-    return s.translate(_ESCAPE_TABLE)
-
-
-def load_engine(model_path, device: str | None = None, compile: bool = False, adapter=None, prompt_lookup: int = 8):
-    """Engine for a MODEL (model dir, checkpoint or run dir), with a LoRA adapter merged in when one is given:
-    fp32 on CPU, bf16 on a GPU that has it."""
-    import torch
-
-    from llmctl import hf
-    from llmctl.checkpoint import resolve_model_dir
-    from llmctl.dist import resolve_device
-    from llmctl.engine import Engine
-
-    d = resolve_model_dir(model_path)
-    dev = resolve_device(device)
-    dtype = torch.bfloat16 if dev.type == "cuda" and torch.cuda.is_bf16_supported() else torch.float32
-    model, tok = hf.load(d, device=dev, dtype=dtype)
-    if adapter is not None:
-        from llmctl import lora
-
-        model = lora.merged(model, adapter)
-    # stops on every EOS: the tokenizer's eos_ids (its eos, config.json's and generation_config.json's
-    # eos_token_id, a list for Llama 3 instruct) and the model config's
-    return Engine(model, tok, share_weights=True, compile=compile, prompt_lookup=prompt_lookup)
 
 
 def fit(engine, text: str | None, chat: bool, params, where: str, stderr: TextIO, messages=None) -> list[int]:
@@ -142,8 +75,9 @@ def parse_json_item(engine, line: str, where: str, base: dict, chat: bool, warne
     for k, v in obj.items():
         if k in OVERRIDES:
             types = OVERRIDES[k]
-            if isinstance(v, bool) or not isinstance(v, types):
-                want = " or ".join({int: "integer", float: "number", str: "string", list: "list"}[t] for t in types)
+            if isinstance(v, bool) != (bool in types) or not isinstance(v, types):
+                want = " or ".join({int: "integer", float: "number", str: "string", list: "list", bool: "boolean"}[t]
+                                   for t in types)  # fmt: skip
                 raise UserError(f"{where}: field {k!r} must be a {want}, got {json.dumps(v)}")
             if k == "stop":
                 v = [v] if isinstance(v, str) else v
