@@ -14,7 +14,7 @@ $(STAMP): pyproject.toml
 install: $(STAMP)
 
 test: $(STAMP)
-	$(PYTHON) -m pytest tests -n auto --maxprocesses 4
+	$(PYTHON) -m pytest tests -n auto --maxprocesses 4 --dist loadfile
 
 demo: $(STAMP)
 	PYTHON=$(PYTHON) bash examples/demo.sh

@@ -197,39 +197,52 @@ def _llmctl(*commands):
     assert r.returncode == 0, r.stderr
 
 
+@pytest.fixture(scope="module")
+def stage_runs(tmp_path_factory, tok_dir):
+    """Every family's folder (an llmctl tokenizer in it) and a few steps of `sft`, `lora` and `rlhf method=dpo`
+    from it, all commands through the CLI in one process (one interpreter start for the lot)."""
+    from llmctl.tokenizer import load_tokenizer
+
+    tok, root = load_tokenizer(tok_dir), tmp_path_factory.mktemp("stages")
+    rows = [{"prompt": f"{a} plus {b} is", "completion": f" {a + b}"} for a in range(4) for b in range(3)]
+    pairs = [{"prompt": r["prompt"], "chosen": r["completion"], "rejected": " no"} for r in rows]
+    (root / "sft.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    (root / "pairs.jsonl").write_text("".join(json.dumps(r) + "\n" for r in pairs))
+    steps = ["train.max_steps=2", "train.micro_batch_size=4", "train.eval_every=0", "train.log_every=1"]
+    commands, configs = [], {}
+    for name, (cls, kw, _) in FAMILIES.items():
+        torch.manual_seed(0)
+        configs[name] = config = getattr(transformers, cls)(**{**COMMON, **kw, "vocab_size": tok.vocab_size,
+                                                               "bos_token_id": tok.bos_id, "eos_token_id": tok.eos_id,
+                                                               "pad_token_id": tok.pad_id})  # fmt: skip
+        d = root / name
+        transformers.AutoModelForCausalLM.from_config(config).save_pretrained(d / "base")
+        tok.save(d / "base")
+        commands += [[kind, f"recipes/tiny/{kind}.yaml", f"out_dir={d / kind}", f"init_from={d / 'base'}",
+                      f"data.train={root / 'sft.jsonl'}", "data.val=null", "eval.exact_match=null", *steps]
+                     for kind in ("sft", "lora")]  # fmt: skip
+        commands.append(["rlhf", "recipes/tiny/dpo.yaml", f"out_dir={d / 'dpo'}", f"init_from={d / 'base'}",
+                         f"data.train={root / 'pairs.jsonl'}", "data.val=null", *steps])  # fmt: skip
+    _llmctl(*commands)
+    return root, configs
+
+
 @pytest.mark.parametrize("name", list(FAMILIES))
-def test_sft_lora_and_dpo_run_on_the_family(name, tmp_path, tok_dir):
-    """A few steps of `sft`, `lora` and `rlhf method=dpo` from the family's folder (with an llmctl tokenizer);
-    the LoRA adapter loads in peft on the transformers model with llmctl's logits, and the sft checkpoint is the
-    family's architecture again."""
+def test_sft_lora_and_dpo_run_on_the_family(name, stage_runs):
+    """`sft`, `lora` and `rlhf method=dpo` ran a few steps from the family's folder; the LoRA adapter loads in
+    peft on the transformers model with llmctl's logits; the sft and dpo checkpoints are the family's
+    architecture again."""
     from peft import PeftModel
 
     from llmctl import lora
-    from llmctl.tokenizer import load_tokenizer
 
-    tok = load_tokenizer(tok_dir)
-    cls, kw, _ = FAMILIES[name]
-    torch.manual_seed(0)
-    config = getattr(transformers, cls)(**{**COMMON, **kw, "vocab_size": tok.vocab_size, "bos_token_id": tok.bos_id,
-                                           "eos_token_id": tok.eos_id, "pad_token_id": tok.pad_id})  # fmt: skip
-    base = tmp_path / "base"
-    transformers.AutoModelForCausalLM.from_config(config).save_pretrained(base)
-    tok.save(base)
-    rows = [{"prompt": f"{a} plus {b} is", "completion": f" {a + b}"} for a in range(4) for b in range(3)]
-    pairs = [{"prompt": r["prompt"], "chosen": r["completion"], "rejected": " no"} for r in rows]
-    (tmp_path / "sft.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
-    (tmp_path / "pairs.jsonl").write_text("".join(json.dumps(r) + "\n" for r in pairs))
-    steps = ["train.max_steps=2", "train.micro_batch_size=4", "train.eval_every=0", "train.log_every=1"]
-    _llmctl(*[[kind, f"recipes/tiny/{kind}.yaml", f"out_dir={tmp_path / kind}", f"init_from={base}",
-               f"data.train={tmp_path / 'sft.jsonl'}", "data.val=null", "eval.exact_match=null", *steps]
-              for kind in ("sft", "lora")],
-            ["rlhf", "recipes/tiny/dpo.yaml", f"out_dir={tmp_path / 'dpo'}", f"init_from={base}",
-             f"data.train={tmp_path / 'pairs.jsonl'}", "data.val=null", *steps])  # fmt: skip
+    root, configs = stage_runs
+    d, config = root / name, configs[name]
     for kind in ("sft", "dpo"):
-        saved = json.loads((tmp_path / kind / "checkpoints/step-0000002/config.json").read_text())
+        saved = json.loads((d / kind / "checkpoints/step-0000002/config.json").read_text())
         assert saved["architectures"] == config.architectures or saved["model_type"] == config.model_type
     x = ids(1, 12, seed=7)
-    ck = tmp_path / "lora/checkpoints/step-0000002"
+    ck, base = d / "lora/checkpoints/step-0000002", d / "base"
     with torch.no_grad():
         ours = lora.load(hf.load_model(base), ck).get_base_model()(x)
         theirs = PeftModel.from_pretrained(transformers.AutoModelForCausalLM.from_pretrained(str(base)), str(ck))
