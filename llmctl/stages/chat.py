@@ -266,23 +266,27 @@ def run(model, args: list[str], *, system: str | None = None, adapter=None, devi
         pipe(chat, stdin, stdout)
 
 
+def _question(chat: Chat, text: str) -> str | None:
+    """What a line asks the model: `//text` asks `/text`; a /command runs (its question, e.g. /retry's, or None;
+    Exit ends the chat); any other line is the question."""
+    if text.startswith("//"):
+        return text[1:]
+    return chat.command(text) if text.startswith("/") else text
+
+
 def pipe(chat: Chat, stdin: TextIO, stdout: TextIO) -> None:
     """One user turn per line, one reply per stdout line (escaped); /commands write nothing to stdout."""
     for lineno, line in text_lines(stdin):
         text = line.rstrip("\n")
         text = text[:-1] if text.endswith("\r") else text
-        question = text
-        if text.startswith("/") and not text.startswith("//"):
-            try:
-                question = chat.command(text)
-            except Exit:
-                return
-            except UserError as e:
-                raise UserError(f"stdin:{lineno}: {e}") from None
-            if question is None:
-                continue
-        elif text.startswith("//"):
-            question = text[1:]
+        try:
+            question = _question(chat, text)
+        except Exit:
+            return
+        except UserError as e:
+            raise UserError(f"stdin:{lineno}: {e}") from None
+        if question is None:
+            continue
         ids, params = chat.start(question)
         reply = chat.engine.generate([ids], params)[0].text
         chat.done(reply)
@@ -317,19 +321,15 @@ def repl(chat: Chat, stdin: TextIO, stdout: TextIO) -> None:
         text = line.strip()
         if not text:
             continue
-        question = text
-        if text.startswith("/") and not text.startswith("//"):
-            try:
-                question = chat.command(text)
-            except Exit:
-                return
-            except (UserError, OSError) as e:
-                chat.note(f"error: {e}")
-                continue
-            if question is None:
-                continue
-        elif text.startswith("//"):
-            question = text[1:]
+        try:
+            question = _question(chat, text)
+        except Exit:
+            return
+        except (UserError, OSError) as e:
+            chat.note(f"error: {e}")
+            continue
+        if question is None:
+            continue
         _stream_reply(chat, question, stdout)
 
 
