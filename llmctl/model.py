@@ -217,6 +217,9 @@ class Transformer(nn.Module):
         tree[norm] = (RMSNorm(cfg.n_embd, cfg.norm_eps, cfg.norm == "rms1p") if cfg.arch == "llama"
                       else nn.LayerNorm(cfg.n_embd, eps=cfg.norm_eps))  # fmt: skip
         setattr(self, root, nn.ModuleDict(tree))
+        # the layer kinds a forward builds RoPE tables and masks for (fixed by the config: found once, not per call)
+        self._rope_kinds = {getattr(b, "rope_kind", False) for b in self.blocks} - {False}
+        self._windows = {getattr(b, "window", None) for b in self.blocks}
         self.lm_head = nn.Linear(cfg.n_embd, cfg.vocab_size, bias=False)
         self.tie_weights()
         self._init_rope()
@@ -263,7 +266,7 @@ class Transformer(nn.Module):
         cfg, out = self.config, {}
         long = cfg.rope_type == "longrope" and (
             P + T if position_ids is None else int(position_ids.max()) + 1) > cfg.rope_scaling["original_max_position_embeddings"]
-        for kind in {b.rope_kind for b in self.blocks} - {False}:
+        for kind in self._rope_kinds:
             suffix = "_long" if long else "_sliding" if kind == "sliding_attention" and cfg.rope_local_theta else ""
             cos, sin = getattr(self, "rope_cos" + suffix), getattr(self, "rope_sin" + suffix)
             if position_ids is None:
@@ -380,7 +383,7 @@ class Transformer(nn.Module):
             pos = torch.arange(P, P + T, device=idx.device) if position_ids is None else position_ids
             x = drop(self.transformer.wte(idx) + self.transformer.wpe(pos), cfg.dropout, self.training)  # [B, T, C]
             ropes = {}
-        masks = {w: self._mask(T, P, attn_mask, idx.device, w) for w in {getattr(b, "window", None) for b in self.blocks}}
+        masks = {w: self._mask(T, P, attn_mask, idx.device, w) for w in self._windows}
         ckpt = self.gradient_checkpointing and self.training and torch.is_grad_enabled()
         for block in self.blocks:
             rope, mask = ropes.get(getattr(block, "rope_kind", False)), masks[getattr(block, "window", None)]
