@@ -22,7 +22,8 @@ not the tokens. The rows sit in the KV cache one of three ways:
   advancing on its own (FastDecode.verify_rows: a row's g-th token goes to plain decoding's slot and position;
   the slots past its accepted tokens are overwritten by its next pass).
 The forward is FastDecode's (step.py: fused weights; fp32 on CPU its native step, llmctl/native/), or the model's
-own for wrapped layers such as LoRA. Beam search (num_beams > 1) has its own loop (beam.py).
+own for wrapped layers such as LoRA. Beam search (num_beams > 1) has its own loop (beam.py). For a server the same
+loop runs lockstep rows with a `feed` (batcher.py) that adds and drops rows between steps: continuous batching.
 """
 
 from __future__ import annotations
@@ -381,10 +382,8 @@ class Engine:
     # ------------------------------------------------------------------------------------------ internals
 
     def _params(self, prompts, params) -> list[SamplingParams]:
-        if params is None:
-            params = SamplingParams()
-        if isinstance(params, SamplingParams):
-            params = [params] * len(prompts)
+        if params is None or isinstance(params, SamplingParams):
+            params = [params or SamplingParams()] * len(prompts)
         if len(params) != len(prompts):
             raise ValueError(f"{len(params)} SamplingParams for {len(prompts)} prompts")
         for ids in prompts:
@@ -443,8 +442,8 @@ class Engine:
 
 def _drain(gen):
     """Run a generator to the end and return its return value."""
-    while True:
-        try:
+    try:
+        while True:
             next(gen)
-        except StopIteration as e:
-            return e.value
+    except StopIteration as e:
+        return e.value
