@@ -307,7 +307,7 @@ def pack(eng: Engine, parts: list[tuple[Batch, int]]) -> Batch:
         nb.mask[i, : c - n] = False
     nb.cache.pos = c
     nb.lens = torch.tensor(cached, device=dev)  # position of each row's next token at decode step 1
-    nb.L, nb.t, nb.N, nb.padded = c, 1, width - c, True
+    nb.L, nb.t, nb.N, nb.padded = c, 1, width - c, min(cached) != c  # (no padding: one row, its fastest step)
     nb.last = torch.tensor([b.tokens[r][-1] for b, r in parts], device=dev)
     nb.sampler = Sampler.stack([(b.sampler, r, b.t) for b, r in parts])
     for name in ("rows", "params", "prompts", "limit", "eos", "stops", "stop_tail", "tokens", "reason"):
