@@ -215,6 +215,7 @@ class Batcher:
                 self._finish(req, self.engine._result(req.prompt, [], "cancelled", req.params.stop))
                 continue
             self._live.add(req)
+            self.stats["live"] = rows + len(out) + 1
             b = self._prefill(req)
             if b is not None:
                 out.append((b, 0))
