@@ -199,44 +199,48 @@ class Batcher:
         return pack(self.engine, [(b, r) for r in keep] + joiners)
 
     def _admit(self, rows: int, used: int) -> list[tuple[Batch, int]]:
-        """Prefill waiting requests while rows and the token budget allow: [(its one-row batch, 0)]."""
-        out = []
-        while rows + len(out) < self.max_rows:
-            with self._cv:
-                if not self._waiting:
-                    break
+        """Prefill the waiting requests that the rows and the token budget allow, together: [(their batch, row)]."""
+        group = []
+        with self._cv:
+            while self._waiting and rows + len(group) < self.max_rows:
                 req = self._waiting[0]
                 need = len(req.prompt) + min(req.params.max_new_tokens, self.engine.block_size - len(req.prompt))
-                if (rows or out) and used + need > self.max_tokens and not req.cancelled:
+                if (rows or group) and used + need > self.max_tokens and not req.cancelled:
                     break
                 self._waiting.popleft()
-                self.stats["waiting"] = len(self._waiting)
-            if req.cancelled or (self._closing and not self._drain):
-                self._finish(req, self.engine._result(req.prompt, [], "cancelled", req.params.stop))
-                continue
-            self._live.add(req)
-            self.stats["live"] = rows + len(out) + 1
-            b = self._prefill(req)
-            if b is not None:
-                out.append((b, 0))
+                if req.cancelled or (self._closing and not self._drain) or req.params.max_new_tokens == 0:
+                    why = "length" if req.params.max_new_tokens == 0 and not req.cancelled else "cancelled"
+                    self._finish(req, self.engine._result(req.prompt, [], why, req.params.stop))
+                    continue
+                group.append(req)
                 used += need
-        self.stats["live"] = rows + len(out)
-        return out
+            self.stats["waiting"] = len(self._waiting)
+        if not group:
+            return []
+        self._live.update(group)
+        self.stats["live"] = rows + len(group)
+        b = self._prefill(group)
+        alive = [(b, r) for r, why in enumerate(b.reason) if why is None]
+        self.stats["live"] = rows + len(alive)
+        return alive
 
-    def _prefill(self, req: Request) -> Batch | None:
-        """The request's prompt forward and first token, in a batch of its own (None: it ended there)."""
+    def _prefill(self, group: list[Request]) -> Batch:
+        """The requests' prompts in one forward (several: FastDecode's ragged prefill, no padding computed) and their
+        first tokens, in a batch of their own that `pack` then takes rows from."""
         eng = self.engine
-        b = Batch(eng, [req.prompt], [req.params], [0])
-        b.rows = [req]
-        if b.limit[0] == 0:
-            self._finish(req, eng._result(req.prompt, [], "length", b.stops[0]))
-            return None
+        b = Batch(eng, [r.prompt for r in group], [r.params for r in group], range(len(group)))
+        b.rows = list(group)
+        b.ragged = b.fast is not None and len(group) > 1
         logits = eng._prefill(b)
+        if b.ragged:  # (the ragged prefill leaves pos alone) the prompts end at slot L, as a left-padded prefill's
+            b.cache.pos = b.L
         new = eng._pick(b, logits, None, lazy=False)
-        if eng._take(b, 0, new[0]):
-            self._results[req] = eng._result(req.prompt, b.tokens[0], b.reason[0], b.stops[0])
-        self._deliver(req, b, 0, self._logprobs(b, new, logits).get(0))
-        return b if b.reason[0] is None else None
+        lps = self._logprobs(b, new, logits)
+        for r, req in enumerate(group):
+            if eng._take(b, r, new[r]):
+                self._results[req] = eng._result(req.prompt, b.tokens[r], b.reason[r], b.stops[r])
+            self._deliver(req, b, r, lps.get(r))
+        return b
 
     def _logprobs(self, b: Batch, new, logits) -> dict[int, list[TokenLogprob]]:
         """Each asking row's log-probabilities of its new token (one per step: lockstep rows)."""
