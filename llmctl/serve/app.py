@@ -171,6 +171,7 @@ def build_app(engine, batcher, model_name: str, api_key: str | None = None, log_
         return reply.body()
 
     async def sse(reply: Reply, reqs, state):
+        done = False
         try:
             async for i, ev in _merged(reqs):
                 chunk = reply.add(i, ev)
@@ -179,11 +180,14 @@ def build_app(engine, batcher, model_name: str, api_key: str | None = None, log_
             if reply.plan.include_usage:
                 yield f"data: {json.dumps(reply.usage_chunk())}\n\n"
             yield "data: [DONE]\n\n"
-        except asyncio.CancelledError:
-            state.gone = True
-            raise
-        finally:
+            done = True
+        finally:  # not done: the client left (the stream was cancelled, or closed between two chunks)
             state.completion_tokens = reply.completion_tokens
+            if not done:
+                state.gone = True
+                for r in reqs:
+                    if r.result is None:
+                        r.cancel()
 
     @app.post("/v1/completions")
     async def completions(request: Request):
