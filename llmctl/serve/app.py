@@ -168,6 +168,8 @@ def build_app(engine, batcher, model_name: str, api_key: str | None = None, log_
         if getattr(state, "gone", False):
             return JSONResponse({}, status_code=499)
         task.result()
+        if reply.error is not None:  # the engine failed these rows (the batcher goes on)
+            raise ApiError(f"generation failed: {reply.error}", status=500, type="server_error")
         return reply.body()
 
     async def sse(reply: Reply, reqs, state):

@@ -263,6 +263,7 @@ class Reply:
         self.started = [False] * len(plan.params)
         self.finish: list[str | None] = [None] * len(plan.params)
         self.completion_tokens = 0
+        self.error: str | None = None  # a row the engine failed: its message
 
     def _head(self, obj: str) -> dict:
         return {"id": self.plan.id, "object": obj, "created": self.plan.created, "model": self.plan.model}
@@ -290,6 +291,8 @@ class Reply:
         if ev.result is not None:
             self.finish[i] = FINISH.get(ev.result.finish_reason, ev.result.finish_reason)
             self.completion_tokens += ev.result.completion_tokens
+            if ev.result.finish_reason == "error":
+                self.error = ev.result.text
         if not self.plan.stream or not (ev.text or ev.logprobs or ev.result is not None or not self.started[i]):
             return None
         lp = self._logprobs(i, ev.logprobs or []) if ev.logprobs else None
