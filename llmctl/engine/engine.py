@@ -22,7 +22,8 @@ not the tokens. The rows sit in the KV cache one of three ways:
   advancing on its own (FastDecode.verify_rows: a row's g-th token goes to plain decoding's slot and position;
   the slots past its accepted tokens are overwritten by its next pass).
 The forward is FastDecode's (step.py: fused weights; fp32 on CPU its native step, llmctl/native/), or the model's
-own for wrapped layers such as LoRA. Beam search (num_beams > 1) has its own loop (beam.py).
+own for wrapped layers such as LoRA. Beam search (num_beams > 1) has its own loop (beam.py). For a server the same
+loop runs lockstep rows with a `feed` (batcher.py) that adds and drops rows between steps: continuous batching.
 """
 
 from __future__ import annotations
@@ -222,25 +223,33 @@ class Engine:
 
     def _decode(self, prompts, params, rows, stream: bool = False):
         """Generator: decode prompts[rows] as one batch; yields text deltas of row 0 when `stream`; returns the
-        Results in the order of rows. The one decode loop (see the module doc)."""
+        Results in the order of rows."""
         b = Batch(self, prompts, params, rows)
         results = {i: self._result(p, [], "length", ()) for i, p, n in zip(b.rows, b.prompts, b.limit) if n == 0}
         if b.N == 0:
             return [results[i] for i in rows]
         drafter = self._drafter(b)
         b.ragged = drafter is not None and len(b.rows) > 1
-        logits = self._prefill(b)  # [B, V]
+        yield from self._loop(b, self._prefill(b), results, drafter, stream)
+        return [results[i] for i in rows]
+
+    def _loop(self, b: Batch, logits, results: dict, drafter=None, stream: bool = False, feed=None):
+        """The one decode loop (see the module doc), from a batch's logits (None: a batch whose rows have picked
+        their last tokens already). `feed` (batcher.py, continuous batching) takes each step's tokens and manages
+        the rows instead: it may drop and add rows between steps; the loop ends when it returns no batch."""
         drafts = None if drafter is None else [[] for _ in b.rows]  # each row's draft in the pass just run
-        lazy = drafter is None and not stream and not any(b.stops)  # the host may read the picks late
+        lazy = drafter is None and not stream and not any(b.stops) and feed is None  # the host may read late
         streamed = ""
         while True:
-            new = self._pick(b, logits, drafts, lazy)  # each row's new tokens (None: still on the device)
+            new = None if logits is None else self._pick(b, logits, drafts, lazy)
             if new is not None:
                 for r, toks in enumerate(new):  # the host takes them: each row stops on its own
                     if drafter is not None:
                         drafter.update(b.rows[r], drafts[r] or [], toks)
                     if b.reason[r] is None and toks and self._take(b, r, toks):
                         results[b.rows[r]] = self._result(b.prompts[r], b.tokens[r], b.reason[r], b.stops[r])
+                if feed is not None and (b := feed.step(b, new, logits)) is None:
+                    return
                 if stream:
                     i = b.rows[0]
                     text = results[i].text if i in results else self._stream_text(b.prompts[0], b.tokens[0],
@@ -250,7 +259,7 @@ class Engine:
                         streamed = text
                 alive = [r for r, why in enumerate(b.reason) if why is None]
                 if not alive:
-                    return [results[i] for i in rows]
+                    return
                 if len(alive) <= len(b.rows) // 2 and not b.static:  # drop the finished rows from the batch
                     b.keep(alive)
                 if drafter is not None:
@@ -373,10 +382,8 @@ class Engine:
     # ------------------------------------------------------------------------------------------ internals
 
     def _params(self, prompts, params) -> list[SamplingParams]:
-        if params is None:
-            params = SamplingParams()
-        if isinstance(params, SamplingParams):
-            params = [params] * len(prompts)
+        if params is None or isinstance(params, SamplingParams):
+            params = [params or SamplingParams()] * len(prompts)
         if len(params) != len(prompts):
             raise ValueError(f"{len(params)} SamplingParams for {len(prompts)} prompts")
         for ids in prompts:
@@ -435,8 +442,8 @@ class Engine:
 
 def _drain(gen):
     """Run a generator to the end and return its return value."""
-    while True:
-        try:
+    try:
+        while True:
             next(gen)
-        except StopIteration as e:
-            return e.value
+    except StopIteration as e:
+        return e.value

@@ -145,10 +145,37 @@ class Sampler:
                     self.u[r, : u.numel()] = u
 
     def keep(self, ix: torch.Tensor) -> None:
-        for name in ("greedy", "temp", "top_k", "top_p", "min_p", "rep", "freq", "pres", "seen", "counts", "u"):
+        for name in _COLUMNS:
             t = getattr(self, name)
             if t is not None:
                 setattr(self, name, t.index_select(0, ix))
+
+    @classmethod
+    def stack(cls, rows: list[tuple["Sampler", int, int]]) -> "Sampler":
+        """The sampling state of rows taken from other batches' samplers: (sampler, row, its next decode step). In
+        the new sampler each row's next decode step is 1 (continuous batching: rows that joined at different times
+        decode in lockstep); a setting some rows lack gets its "off" value there."""
+        new = cls.__new__(cls)
+        for name in _COLUMNS:
+            parts = [getattr(s, name) for s, _, _ in rows]
+            if all(t is None for t in parts):
+                setattr(new, name, None)
+                continue
+            like = next(t for t in parts if t is not None)
+            if name == "u":  # uniforms from each row's next step on, at steps 1, 2, ...
+                width = 1 + max(t.size(1) - g if t is not None else 0 for t, (_, _, g) in zip(parts, rows))
+                col = like.new_zeros(len(rows), max(width, 1))
+                for i, (t, (_, r, g)) in enumerate(zip(parts, rows)):
+                    if t is not None and t.size(1) > g:
+                        col[i, 1 : 1 + t.size(1) - g] = t[r, g:]
+            else:
+                off = _OFF.get(name, 0)
+                col = torch.stack([t[r] if t is not None else torch.full_like(like[0], off)
+                                   for t, (_, r, _) in zip(parts, rows)])  # fmt: skip
+            setattr(new, name, col)
+        new.all_greedy, new.any_greedy = bool(new.greedy.all()), bool(new.greedy.any())
+        new.penalised = new.rep is not None or new.freq is not None
+        return new
 
     def select(self, logits: torch.Tensor, t: int) -> torch.Tensor:
         """Next token per row [B] from the last logits [B, V] (fp32) at decode step t."""
@@ -187,6 +214,10 @@ class Sampler:
             self.seen.scatter_(1, tok[:, None], True)
         if self.counts is not None:
             self.counts.scatter_add_(1, tok[:, None], torch.ones_like(self.counts[:, :1]))
+
+
+_COLUMNS = ("greedy", "temp", "top_k", "top_p", "min_p", "rep", "freq", "pres", "seen", "counts", "u")
+_OFF = {"top_p": 1.0, "rep": 1.0, "temp": 1.0}  # a setting's "off" value where it is not 0 / False
 
 
 def accepted(picks: list[int], draft: list[int]) -> list[int]:
