@@ -163,8 +163,9 @@ def test_stop_strings_and_lengths(server):
     r = c.completions.create(model=NAME, prompt="The cat", max_tokens=40, temperature=0, stop=["\x00zz", stop],
                              extra_body=EOS)
     assert r.choices[0].text == text[: text.index(stop)] and r.choices[0].finish_reason == "stop"
-    streamed = "".join(ch.choices[0].text for ch in c.completions.create(
-        model=NAME, prompt="The cat", max_tokens=40, temperature=0, stop=stop, extra_body=EOS, stream=True) if ch.choices)  # fmt: skip
+    chunks = c.completions.create(model=NAME, prompt="The cat", max_tokens=40, temperature=0, stop=stop,
+                                  extra_body=EOS, stream=True)  # fmt: skip
+    streamed = "".join(ch.choices[0].text for ch in chunks if ch.choices)
     assert streamed == r.choices[0].text  # a stop string's start is held back, never sent
 
 

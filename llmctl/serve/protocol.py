@@ -126,7 +126,9 @@ def _completion_prompts(tok, body: dict) -> list[list[int]]:
     from llmctl.chat import encode_prompt
 
     p = body.get("prompt")
-    ints = lambda x: isinstance(x, list) and x and all(isinstance(t, int) and not isinstance(t, bool) for t in x)  # noqa: E731
+    def ints(x) -> bool:
+        return isinstance(x, list) and bool(x) and all(isinstance(t, int) and not isinstance(t, bool) for t in x)
+
     if isinstance(p, str):
         return [encode_prompt(tok, p)]
     if isinstance(p, list) and p and all(isinstance(x, str) for x in p):
@@ -272,8 +274,9 @@ class Reply:
         if self.plan.logprobs is None:
             return None
         if self.chat:
-            return {"content": [{**_token(self.tok, x.token, x.logprob, True),
-                                 "top_logprobs": [_token(self.tok, t, v, True) for t, v in x.top]} for x in lps]}  # fmt: skip
+            tops = [[_token(self.tok, t, v, True) for t, v in x.top] for x in lps]
+            return {"content": [{**_token(self.tok, x.token, x.logprob, True), "top_logprobs": top}
+                                for x, top in zip(lps, tops)]}  # fmt: skip
         toks = [_token(self.tok, x.token, x.logprob, False) for x in lps]
         offsets = []
         for t in toks:
