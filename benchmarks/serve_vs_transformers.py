@@ -96,8 +96,12 @@ class Proc:
                 self.url = m.group(1)
 
     def wait_ready(self, url: str | None, model: str, timeout: float = 300.0):
-        import httpx
         import openai
+
+        try:
+            import httpx2 as httpx  # the HTTP client of openai >= 3
+        except ImportError:
+            import httpx
 
         deadline = time.time() + timeout
         while time.time() < deadline:

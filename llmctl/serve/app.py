@@ -7,8 +7,7 @@ the connection while it waits. Errors are OpenAI error objects ({"error": {messa
 own errors included. One line per request on stderr: method, path, status, prompt / completion tokens, seconds.
 """
 
-from __future__ import annotations
-
+# (no `from __future__ import annotations`: FastAPI reads the handlers' annotations, Request among them)
 import asyncio
 import contextlib
 import json
