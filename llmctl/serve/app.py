@@ -46,7 +46,8 @@ class RequestLog:
 
 
 async def _merged(reqs):
-    """(choice, event) of every request as the events come; cancels the unfinished requests when left early."""
+    """Lists of (choice, event): every request's events as they come, what has piled up since the last list at
+    once; cancels the unfinished requests when left early."""
     queue: asyncio.Queue = asyncio.Queue()
 
     async def pump(i, r):
@@ -61,13 +62,19 @@ async def _merged(reqs):
     try:
         left = len(reqs)
         while left:
-            i, ev = await queue.get()
-            if ev is None:
-                left -= 1
-            elif isinstance(ev, Exception):
-                raise ev
-            else:
-                yield i, ev
+            got = [await queue.get()]
+            while not queue.empty():
+                got.append(queue.get_nowait())
+            out = []
+            for i, ev in got:
+                if ev is None:
+                    left -= 1
+                elif isinstance(ev, Exception):
+                    raise ev
+                else:
+                    out.append((i, ev))
+            if out:
+                yield out
     finally:
         for r in reqs:
             if r.result is None:
@@ -174,10 +181,11 @@ def build_app(engine, batcher, model_name: str, api_key: str | None = None, log_
     async def sse(reply: Reply, reqs, state):
         done = False
         try:
-            async for i, ev in _merged(reqs):
-                chunk = reply.add(i, ev)
-                if chunk is not None:
-                    yield f"data: {json.dumps(chunk, ensure_ascii=False)}\n\n"
+            async for got in _merged(reqs):  # a server behind the engine sends what piled up as one chunk
+                chunks = [reply.add(i, ev) for i, ev in _coalesced(got)]
+                text = "".join(f"data: {json.dumps(c, ensure_ascii=False)}\n\n" for c in chunks if c is not None)
+                if text:
+                    yield text
             if reply.plan.include_usage:
                 yield f"data: {json.dumps(reply.usage_chunk())}\n\n"
             yield "data: [DONE]\n\n"
@@ -203,5 +211,23 @@ def build_app(engine, batcher, model_name: str, api_key: str | None = None, log_
 
 
 async def _drain(events, reply: Reply) -> None:
-    async for i, ev in events:
-        reply.add(i, ev)
+    async for got in events:
+        for i, ev in got:
+            reply.add(i, ev)
+
+
+def _coalesced(got: list) -> list:
+    """(choice, event) pairs with each choice's consecutive events joined into one (texts, tokens and logprobs
+    concatenated, the result of the last)."""
+    from types import SimpleNamespace
+
+    out: dict = {}
+    for i, ev in got:
+        a = out.get(i)
+        if a is None:
+            out[i] = ev
+        else:
+            lps = None if a.logprobs is None and ev.logprobs is None else (a.logprobs or []) + (ev.logprobs or [])
+            out[i] = SimpleNamespace(text=a.text + ev.text, tokens=a.tokens + ev.tokens, logprobs=lps,
+                                     result=ev.result)  # fmt: skip
+    return list(out.items())
