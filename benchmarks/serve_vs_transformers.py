@@ -45,6 +45,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 SHAPE = dict(arch="llama", n_layer=6, n_head=8, n_embd=256, block_size=256)  # generate_vs_hf.py's llama-6m
+SAMPLING = {"temperature": 0.8, "top_p": 0.9}
 
 
 def make_model(d: Path, vocab: int) -> Path:
@@ -60,7 +61,13 @@ def make_model(d: Path, vocab: int) -> Path:
     torch.manual_seed(0)
     cfg = ModelConfig(vocab_size=tok.vocab_size, bos_token_id=tok.bos_id, eos_token_id=tok.eos_id,
                       pad_token_id=tok.pad_id, **SHAPE)  # fmt: skip
-    return hf.save_model(Transformer(cfg), d / "model", tokenizer_dir=d / "tok")
+    out = hf.save_model(Transformer(cfg), d / "model", tokenizer_dir=d / "tok")
+    # transformers serve samples only when the model's generation config says so, and with its defaults (top_k 50)
+    # otherwise: the benchmark's sampling goes there too (llmctl serve takes it from the requests alone)
+    gen = json.loads((out / "generation_config.json").read_text())
+    gen.update(SAMPLING, do_sample=True, top_k=0)
+    (out / "generation_config.json").write_text(json.dumps(gen, indent=2))
+    return out
 
 
 def prompts(n: int = 16) -> list[str]:
@@ -133,9 +140,9 @@ def one_request(srv: Proc, prompt: str, max_tokens: int, seed: int, extra: dict)
     """(time to first token, completion tokens, seconds) of one streamed completion."""
     t0 = time.perf_counter()
     ttft, tokens = None, 0
-    stream = srv.client.completions.create(model=srv.model, prompt=prompt, max_tokens=max_tokens, temperature=0.8,
-                                           top_p=0.9, seed=seed, stream=True, stream_options={"include_usage": True},
-                                           extra_body=extra or None)  # fmt: skip
+    stream = srv.client.completions.create(model=srv.model, prompt=prompt, max_tokens=max_tokens, seed=seed,
+                                           stream=True, stream_options={"include_usage": True},
+                                           extra_body=extra or None, **SAMPLING)  # fmt: skip
     counted = 0
     for chunk in stream:
         if ttft is None and chunk.choices and chunk.choices[0].text:
@@ -207,7 +214,7 @@ def main():
         res = {"device": args.device, "cpu": platform.processor() or platform.machine(), "cores": os.cpu_count(),
                "torch": torch.__version__, "transformers": transformers.__version__,
                "load_avg_before": os.getloadavg()[0], "model": {**SHAPE, "vocab_size": args.vocab},
-               "max_tokens": args.max_tokens, "rounds": args.rounds, "sampling": {"temperature": 0.8, "top_p": 0.9},
+               "max_tokens": args.max_tokens, "rounds": args.rounds, "sampling": SAMPLING,
                "transformers_flags": kinds, "results": {s.name: {} for s in servers}}  # fmt: skip
         for conc in args.concurrency:
             for s in servers:
