@@ -48,6 +48,14 @@ class RequestLog:
 async def _merged(reqs):
     """Lists of (choice, event): every request's events as they come, what has piled up since the last list at
     once; cancels the unfinished requests when left early."""
+    if len(reqs) == 1:  # one choice: its events as they are, without a task and a queue in between
+        try:
+            async for ev in reqs[0].aevents():
+                yield [(0, ev)]
+        finally:
+            if reqs[0].result is None:
+                reqs[0].cancel()
+        return
     queue: asyncio.Queue = asyncio.Queue()
 
     async def pump(i, r):
