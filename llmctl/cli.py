@@ -357,6 +357,24 @@ def chat(
     stage.run(model, ctx.args, system=system, adapter=adapter, device=device)
 
 
+@app.command("serve")
+@_guard
+def serve(
+    model: str = typer.Option(..., "--model", help="A MODEL (see generate)."),
+    adapter: Optional[str] = typer.Option(None, "--adapter", help="A LoRA adapter, merged into MODEL."),
+    host: str = typer.Option("127.0.0.1", "--host", help="The address to listen on (0.0.0.0: every interface)."),
+    port: int = typer.Option(8000, "--port", help="The port (0: a free one, printed on stderr)."),
+    api_key: Optional[str] = typer.Option(None, "--api-key", help="Require it as a Bearer token on /v1 routes."),
+    max_rows: int = typer.Option(16, "--max-rows", help="Requests decoding together (continuous batching)."),
+    served_model_name: Optional[str] = typer.Option(None, "--served-model-name", help="The API's model id."),
+    device: Optional[str] = typer.Option(None, "--device", help="cpu, cuda, cuda:1 ... (default: cuda if available)."),
+):
+    """An OpenAI-compatible HTTP server, continuously batched; SIGTERM drains (needs llmctl[serve])."""
+    from llmctl.stages import serve as stage
+
+    stage.run(model, adapter, host, port, api_key, max_rows, served_model_name, device)
+
+
 # --------------------------------------------------------------------------------------------- eval
 
 
