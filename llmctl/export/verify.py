@@ -13,6 +13,8 @@ agree on at least 90% of the steps and the logits within TOLERANCE[dtype] * (1 +
 
 from __future__ import annotations
 
+import functools
+
 from llmctl.errors import UserError
 
 PROBES = (
@@ -41,9 +43,22 @@ def available() -> bool:
     return True
 
 
+@functools.lru_cache(maxsize=1)
+def _quiet():
+    """llama.cpp's log callback, silenced (its context warnings would reach stderr despite verbose=False)."""
+    import ctypes
+
+    import llama_cpp
+
+    callback = llama_cpp.llama_log_callback(lambda level, text, user_data: None)
+    llama_cpp.llama_log_set(callback, ctypes.c_void_p(0))
+    return callback  # kept alive by the cache
+
+
 def _llama(path, **kw):
     import llama_cpp
 
+    _quiet()
     try:
         return llama_cpp.Llama(model_path=str(path), verbose=False, n_threads=2, seed=0, **kw)
     except (ValueError, RuntimeError) as e:
