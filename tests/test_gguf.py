@@ -204,3 +204,33 @@ def test_cli_exports_and_its_errors_exit_2(llama_dir, tmp_path, tok_dir):
     assert out.read_bytes() == before  # nothing already saved is damaged
     r = _cli("export", "gguf", tmp_path / "missing", "--out", tmp_path / "y.gguf")
     assert r.returncode == 2 and r.stderr.startswith("error: ") and "Traceback" not in r.stderr
+
+
+@pytest.mark.parametrize("pre", ["llama3", "qwen2"])
+def test_llama3_and_qwen2_splits_round_trip(pre, llama_dir, corpus_file, tmp_path):
+    """A byte-level BPE with Llama 3's or Qwen 2's Split regex (as their tokenizer.json has it) is written with
+    llama.cpp's pre-tokenizer of that name, and llama.cpp's ids equal llmctl's; an unknown split is refused."""
+    import json
+    import shutil
+
+    import tokenizers as tk
+
+    from llmctl.export.vocab import SPLITS, pre_name
+    from llmctl.tokenizer import SPECIAL_TOKENS
+
+    rx = next(r for r, name in SPLITS.items() if name == pre)
+    t = tk.Tokenizer(tk.models.BPE())
+    t.pre_tokenizer = tk.pre_tokenizers.Sequence([tk.pre_tokenizers.Split(tk.Regex(rx), behavior="isolated"),
+                                                  tk.pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False)])
+    t.decoder = tk.decoders.ByteLevel()
+    t.train_from_iterator(corpus_file.read_text().split("\n\n")[:400], tk.trainers.BpeTrainer(
+        vocab_size=400, special_tokens=[tk.AddedToken(s, special=True, normalized=False) for s in SPECIAL_TOKENS],
+        initial_alphabet=tk.pre_tokenizers.ByteLevel.alphabet(), show_progress=False))  # fmt: skip
+    d = tmp_path / "model"
+    shutil.copytree(llama_dir, d)
+    t.save(str(d / "tokenizer.json"))
+    (d / "tokenizer_config.json").write_text(json.dumps({"bos_token": "<|bos|>", "eos_token": "<|eos|>",
+                                                         "add_bos_token": True}))  # fmt: skip
+    assert stage.run(d, tmp_path / "m.gguf")["verified"]["probes"] == 7
+    with pytest.raises(UserError, match="pre-tokenizer is not one llama.cpp implements"):
+        pre_name({"pre_tokenizer": {"type": "Metaspace", "replacement": "\u2581"}})
