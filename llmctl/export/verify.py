@@ -84,10 +84,17 @@ def tokenization(path, tok) -> int:
     """Check llama.cpp's ids on the probe texts; returns how many texts were compared."""
     from llmctl.chat import encode_prompt
 
+    import json
+    import unicodedata
+
+    nfc = '"NFC"' in json.dumps(json.loads(tok.hf.to_str()).get("normalizer"))
     llm = _llama(path, vocab_only=True)
     try:
         n = 0
         for text in PROBES:
+            # a tokenizer that NFC-normalises (Qwen 2) sees composed text; llama.cpp does not normalise, so the
+            # probes are given composed (decomposed input is where the two would differ)
+            text = unicodedata.normalize("NFC", text) if nfc else text
             ours, theirs = tok.encode(text), llm.tokenize(text.encode("utf-8"), add_bos=False, special=False)
             _same_ids(ours, theirs, text, "")
             back = llm.detokenize(theirs).decode("utf-8", errors="replace")
