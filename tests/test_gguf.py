@@ -119,7 +119,7 @@ def test_llmctl_model_round_trips_tokens_metadata_and_greedy_text(llama_dir, tmp
     model = hf.load_model(llama_dir)
     ours = Engine(model, tok, eos_ids=[], prompt_lookup=0).generate(
         [prompt], SamplingParams(max_new_tokens=32, temperature=0))[0].tokens  # fmt: skip
-    llm = llama_cpp.Llama(model_path=str(out), n_ctx=64, n_threads=2, seed=0, verbose=False)
+    llm = llama_cpp.Llama(model_path=str(out), n_ctx=64, n_threads=1, seed=0, verbose=False)
     theirs = []
     for t in llm.generate(prompt, top_k=1, temp=0.0, repeat_penalty=1.0):
         theirs.append(t)
@@ -167,7 +167,7 @@ def test_adapter_is_merged_before_export(llama_dir, tmp_path):
     assert a["verified"]["max_logit_diff"] <= 1e-3
     logits = []
     for p in (a["path"], b["path"]):
-        llm = llama_cpp.Llama(model_path=str(p), n_ctx=16, n_threads=2, logits_all=True, verbose=False)
+        llm = llama_cpp.Llama(model_path=str(p), n_ctx=16, n_threads=1, logits_all=True, verbose=False)
         llm.eval([1, 50, 60, 70])
         logits.append(np.array(llm.scores[:4]))
     assert np.abs(logits[0] - logits[1]).max() > 1e-2

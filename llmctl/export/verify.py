@@ -56,11 +56,14 @@ def _quiet():
 
 
 def _llama(path, **kw):
+    """llama.cpp on as many threads as llmctl's torch (llmctl's thread policy, --threads)."""
     import llama_cpp
+    import torch
 
     _quiet()
+    n = torch.get_num_threads()
     try:
-        return llama_cpp.Llama(model_path=str(path), verbose=False, n_threads=2, seed=0, **kw)
+        return llama_cpp.Llama(model_path=str(path), verbose=False, n_threads=n, n_threads_batch=n, seed=0, **kw)
     except (ValueError, RuntimeError) as e:
         raise Mismatch(f"llama.cpp cannot load the file ({e})") from None
 
