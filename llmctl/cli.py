@@ -322,6 +322,9 @@ def generate(
                                       "tokens looked up in the prompt and text so far, verified in one pass (one "
                                       "prompt at a time, or a greedy batch with up to 3 per row); the tokens are "
                                       "the same as without it (0 = off)."),
+    dtype: Optional[str] = typer.Option(None, "--dtype", help="Weights: fp32 | bf16 | fp16 (default: fp32 on "
+                                        "CPU, bf16 on a GPU that has it). On CPU 16-bit weights stay 16-bit and "
+                                        "the step computes in fp32: half the memory, faster decoding."),
 ):
     """Generate text: a PROMPT, or one prompt per stdin line (or JSONL with --json)."""
     if batch_size < 1:
@@ -333,7 +336,7 @@ def generate(
                  presence_penalty=presence_penalty, num_beams=num_beams, length_penalty=length_penalty,
                  stop=tuple(stage.unescape(s) for s in stop or ()), seed=seed, ignore_eos=ignore_eos)
     stage.run(model, prompt, flags, json_mode=json_mode, chat=chat, batch_size=batch_size, device=device,
-              compile=compile, adapter=adapter, prompt_lookup=prompt_lookup)
+              compile=compile, adapter=adapter, prompt_lookup=prompt_lookup, dtype=dtype)
 
 
 # --------------------------------------------------------------------------------------------- chat
