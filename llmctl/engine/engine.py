@@ -278,7 +278,9 @@ class Engine:
             rr = torch.tensor([r for r, n in enumerate(lens) for _ in range(n)], device=dev)
             j = torch.tensor([i for n in lens for i in range(n)], device=dev)
             last = torch.tensor(lens, device=dev).cumsum(0) - 1
-            return b.fast.verify_rows(x, b.cache, rr, j, b.L - b.lens, torch.zeros_like(b.lens), b.mask, b.L, last)
+            logits = b.fast.verify_rows(x, b.cache, rr, j, b.L - b.lens, torch.zeros_like(b.lens), b.mask, b.L, last)
+            b.cache.pos = b.cache.pos if b.ragged else b.L  # (lockstep steps write at cache.pos)
+            return logits
         m, pos = self.model, None
         if b.padded:  # left padding: positions count from each row's first real token
             pos = (torch.arange(b.L, device=self.device)[None, :] - (b.L - b.lens)[:, None]).clamp_(min=0)

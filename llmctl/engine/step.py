@@ -409,9 +409,9 @@ class FastDecode:
         if out is not None:  # logits of these tokens only
             h = h.index_select(0, out)
             B = h.size(0)
-        ln = self.ln_f if not llama and self.wide else None
-        h = _rms(h, self.norm_w, cfg.norm_eps) if llama else m.transformer.ln_f(h) if ln is None else F.layer_norm(
-            h, ln.normalized_shape, ln.weight, ln.bias, ln.eps)  # fmt: skip
+        ln = None if llama else self.ln_f
+        h = _rms(h, self.norm_w, cfg.norm_eps) if llama else F.layer_norm(h, ln.normalized_shape, ln.weight, ln.bias,
+                                                                          ln.eps)  # fmt: skip
         rows = self.lm_rows if self.lm_rows is None or not self.wide else self.lm_rows.to(self.dtype)
         if rows is not None and B >= 16:  # enough rows: h @ E.T as fast, and no transposing copy
             return F.linear(h, rows).float()
