@@ -28,6 +28,8 @@ app = typer.Typer(
 tokenize_app = typer.Typer(help="Train a BPE tokenizer; encode corpora into token shards; encode/decode stdin.",
                            no_args_is_help=True, rich_markup_mode=None)
 app.add_typer(tokenize_app, name="tokenize")
+export_app = typer.Typer(help="Export a MODEL for other runtimes.", no_args_is_help=True, rich_markup_mode=None)
+app.add_typer(export_app, name="export")
 
 
 def _fail(msg: str) -> None:
@@ -404,6 +406,22 @@ def eval_cmd(
               num_fewshot=num_fewshot, limit=limit, batch_size=batch_size, context=context, stride=stride,
               max_new_tokens=max_new_tokens, chat=chat, ref_model=ref_model, device=device, dtype=dtype,
               as_json=as_json, samples=samples, report=report, lineage=lineage, adapter=adapter)
+
+
+@export_app.command("gguf")
+@_guard
+def export_gguf(
+    model: str = typer.Argument(..., help="A MODEL (see generate --model)."),
+    out: Path = typer.Option(..., "--out", help="The .gguf file (and FILE.Modelfile for ollama beside it)."),
+    adapter: Optional[str] = typer.Option(None, "--adapter", help="A LoRA adapter, merged into MODEL first."),
+    dtype: str = typer.Option("f32", "--dtype", help="f32 | f16 | bf16 | q8_0 (norms and biases stay f32)."),
+    verify: bool = typer.Option(True, "--verify/--no-verify", help="Check it in llama.cpp; a mismatch fails."),
+    force: bool = typer.Option(False, "--force", help="Replace an existing FILE."),
+):
+    """A GGUF file for llama.cpp / ollama, verified in llama.cpp against llmctl (see README, Export)."""
+    from llmctl.stages import export as stage
+
+    stage.run(model, out, adapter=adapter, dtype=dtype, verify=verify, force=force)
 
 
 # --------------------------------------------------------------------------------------------- download
