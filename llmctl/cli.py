@@ -320,13 +320,10 @@ def generate(
                                  "compiling takes a while, so it pays off on long runs."),
     adapter: Optional[str] = typer.Option(None, "--adapter", help="A LoRA adapter folder or `llmctl lora` run "
                                           "directory, merged into MODEL (its base) for generation."),
-    prompt_lookup: int = typer.Option(8, "--prompt-lookup", help="Speculative decoding with up to N draft "
-                                      "tokens looked up in the prompt and text so far, verified in one pass (one "
-                                      "prompt at a time, or a greedy batch with up to 3 per row); the tokens are "
-                                      "the same as without it (0 = off)."),
-    dtype: Optional[str] = typer.Option(None, "--dtype", help="Weights: fp32 | bf16 | fp16 (default: fp32 on "
-                                        "CPU, bf16 on a GPU that has it). On CPU 16-bit weights stay 16-bit and "
-                                        "the step computes in fp32: half the memory, faster decoding."),
+    prompt_lookup: int = typer.Option(8, "--prompt-lookup", help="Speculative decoding with up to N draft tokens "
+                                      "looked up in the prompt and text so far, verified in one pass (one prompt at a "
+                                      "time, or a greedy batch with up to 3 per row); the same tokens (0 = off)."),
+    dtype: Optional[str] = typer.Option(None, "--dtype", help="fp32 | bf16 | fp16 weights (default fp32 on CPU)."),
 ):
     """Generate text: a PROMPT, or one prompt per stdin line (or JSONL with --json)."""
     if batch_size < 1:
