@@ -10,6 +10,9 @@ import typer
 
 from llmctl.cliapp import _fail, _guard, app, export_app
 
+DTYPE_HELP = ("Weights: fp32 | bf16 | fp16 (default: fp32 on CPU, bf16 on a GPU that has it). On CPU 16-bit weights "
+              "stay 16-bit and the step computes in fp32: half the memory, faster decoding.")
+
 
 # --------------------------------------------------------------------------------------------- generate
 
@@ -65,6 +68,7 @@ def generate(
                                       "tokens looked up in the prompt and text so far, verified in one pass (one "
                                       "prompt at a time, or a greedy batch with up to 3 per row); the tokens are "
                                       "the same as without it (0 = off)."),
+    dtype: Optional[str] = typer.Option(None, "--dtype", help=DTYPE_HELP),
 ):
     """Generate text: a PROMPT, or one prompt per stdin line (or JSONL with --json)."""
     if batch_size < 1:
@@ -76,7 +80,7 @@ def generate(
                  presence_penalty=presence_penalty, num_beams=num_beams, length_penalty=length_penalty,
                  stop=tuple(stage.unescape(s) for s in stop or ()), seed=seed, ignore_eos=ignore_eos)
     stage.run(model, prompt, flags, json_mode=json_mode, chat=chat, batch_size=batch_size, device=device,
-              compile=compile, adapter=adapter, prompt_lookup=prompt_lookup)
+              compile=compile, adapter=adapter, prompt_lookup=prompt_lookup, dtype=dtype)
 
 
 # --------------------------------------------------------------------------------------------- chat
@@ -90,6 +94,7 @@ def chat(
     adapter: Optional[Path] = typer.Option(None, "--adapter", help="A LoRA adapter, merged into MODEL."),
     system: Optional[str] = typer.Option(None, "--system", help="The system message."),
     device: Optional[str] = typer.Option(None, "--device", help="cpu, cuda, cuda:1 ... (default: cuda if available)."),
+    dtype: Optional[str] = typer.Option(None, "--dtype", help=DTYPE_HELP),
 ):
     """A multi-turn conversation: a REPL on a terminal (streamed replies; /system /reset /retry /set /save /help
     /exit; Ctrl-C stops a reply, which stays on the screen but leaves the conversation; Ctrl-D ends), else one
@@ -97,7 +102,7 @@ def chat(
     --top-p 0.9, --max-new-tokens N, --seed S, --stop S ...), which /set changes later."""
     from llmctl.stages import chat as stage
 
-    stage.run(model, ctx.args, system=system, adapter=adapter, device=device)
+    stage.run(model, ctx.args, system=system, adapter=adapter, device=device, dtype=dtype)
 
 
 @app.command("serve")
@@ -111,11 +116,12 @@ def serve(
     max_rows: int = typer.Option(16, "--max-rows", help="Requests decoding together (continuous batching)."),
     served_model_name: Optional[str] = typer.Option(None, "--served-model-name", help="The API's model id."),
     device: Optional[str] = typer.Option(None, "--device", help="cpu, cuda, cuda:1 ... (default: cuda if available)."),
+    dtype: Optional[str] = typer.Option(None, "--dtype", help=DTYPE_HELP),
 ):
     """An OpenAI-compatible HTTP server, continuously batched; SIGTERM drains (needs llmctl[serve])."""
     from llmctl.stages import serve as stage
 
-    stage.run(model, adapter, host, port, api_key, max_rows, served_model_name, device)
+    stage.run(model, adapter, host, port, api_key, max_rows, served_model_name, device, dtype)
 
 
 @export_app.command("gguf")

@@ -62,9 +62,16 @@ def escape(s: str) -> str:
     return s.translate(_ESCAPE_TABLE)
 
 
-def load_engine(model_path, device: str | None = None, compile: bool = False, adapter=None, prompt_lookup: int = 8):
-    """Engine for a MODEL (model dir, checkpoint or run dir), with a LoRA adapter merged in when one is given:
-    fp32 on CPU, bf16 on a GPU that has it."""
+DTYPES = {"fp32": "float32", "float32": "float32", "bf16": "bfloat16", "bfloat16": "bfloat16", "fp16": "float16",
+          "float16": "float16"}  # --dtype's names -> torch's
+
+
+def load_engine(model_path, device: str | None = None, compile: bool = False, adapter=None, prompt_lookup: int = 8,
+                dtype=None):
+    """Engine for a MODEL (model dir, checkpoint or run dir), with a LoRA adapter merged in when one is given.
+    dtype (fp32 | bf16 | fp16, or torch's names): the weights' dtype; None: fp32 on CPU, bf16 on a GPU that has
+    it. 16-bit weights on CPU stay 16-bit while the decode step computes in fp32 (llmctl/engine/step.py): half
+    the memory, and faster where decoding is memory-bound; fp16 needs weights within its range (|w| <= 65504)."""
     import torch
 
     from llmctl import hf
@@ -72,10 +79,18 @@ def load_engine(model_path, device: str | None = None, compile: bool = False, ad
     from llmctl.dist import resolve_device
     from llmctl.engine import Engine
 
+    if dtype is not None and str(dtype).removeprefix("torch.") not in DTYPES:
+        raise UserError(f"--dtype must be fp32, bf16 or fp16, got {dtype!r}")
     d = resolve_model_dir(model_path)
     dev = resolve_device(device)
-    dtype = torch.bfloat16 if dev.type == "cuda" and torch.cuda.is_bf16_supported() else torch.float32
+    if dtype is None:
+        dtype = torch.bfloat16 if dev.type == "cuda" and torch.cuda.is_bf16_supported() else torch.float32
+    dtype = getattr(torch, DTYPES[str(dtype).removeprefix("torch.")])
+    if dtype == torch.bfloat16 and dev.type == "cuda" and not torch.cuda.is_bf16_supported():
+        raise UserError(f"--dtype bf16: {dev} has no bf16 support (use fp16 or fp32)")
     model, tok = hf.load(d, device=dev, dtype=dtype)
+    if dtype == torch.float16 and not all(bool(torch.isfinite(p).all()) for p in model.parameters()):
+        raise UserError(f"--dtype fp16: weights of {d} exceed fp16's range (|w| > 65504); use bf16 or fp32")
     if adapter is not None:
         from llmctl import lora
 

@@ -402,8 +402,8 @@ def load_model(path, *, device="cpu", dtype=torch.float32) -> Transformer:
     files = _weight_files(d)
     with torch.device("meta"):
         model = Transformer(cfg)
+    model.to(_as_dtype(dtype))  # (on the meta device: no work), then materialised with fp32 RoPE tables
     model.to_empty(device=device)
-    model.to(_as_dtype(dtype))
     params = dict(model.state_dict(keep_vars=True))
     if cfg.tie_embeddings:
         params.pop("lm_head.weight")

@@ -90,7 +90,7 @@ class Batch:
         self.static = engine.compiled is not None and fast is not None and fast.native is None
         self.fast = fast  # the step's FastDecode (None: the model's forward)
         if self.static:  # few distinct shapes for torch.compile: the cache length in steps of 64
-            self.cache = m.new_cache(B, min(engine.block_size, -(-(L + self.N) // 64) * 64))
+            self.cache = m.new_cache(B, min(engine.block_size, -(-(L + self.N) // 64) * 64), dtype=fast.dtype)
             self.smask = torch.zeros(B, self.cache.max_len, dtype=torch.bool, device=dev)
             self.smask[:, :L] = self.mask[:, :L]  # prompt (minus padding); slots open as tokens are written
             self.slot = torch.zeros(1, dtype=torch.long, device=dev)
@@ -99,7 +99,8 @@ class Batch:
                     torch._dynamo.mark_static_address(buf)
         else:  # slots, not positions: left padding can take a batch past block_size; + room for ragged drafts
             n, c, w = L + self.N + (engine.prompt_lookup if B > 1 else 0), m.config, m.lm_head.weight
-            self.cache = KVCache(c.n_layer, B, c.n_kv_head, n, c.head_dim, device=w.device, dtype=w.dtype)
+            dtype = w.dtype if fast is None else fast.dtype  # (16-bit weights on CPU: an fp32 cache)
+            self.cache = KVCache(c.n_layer, B, c.n_kv_head, n, c.head_dim, device=w.device, dtype=dtype)
             self.mask = torch.cat([self.mask, self.mask.new_ones(B, n - self.mask.size(1))], 1)
         self.sampler = Sampler(self.params, self.prompts, self.N, m.config.vocab_size, dev, engine.seed_of)
         self.eos = [(set(p.stop_token_ids) | engine.eos_ids) if not p.ignore_eos else set(p.stop_token_ids)
@@ -279,13 +280,16 @@ class Engine:
 
     def _prefill(self, b: Batch) -> torch.Tensor:
         """One forward over the prompts -> the logits [B, V] of each row's last prompt token (fp32)."""
-        if b.ragged:  # without padding: the prompts' tokens only, at the slots of their left-padded layout
+        if b.ragged or b.fast is not None and b.fast.wide:  # FastDecode's rows (16-bit weights: fp32 activations)
+            # without padding: the prompts' tokens only, at the slots of their left-padded layout
             dev, lens = self.device, [len(p) for p in b.prompts]
             x = torch.tensor([t for p in b.prompts for t in p], device=dev)
             rr = torch.tensor([r for r, n in enumerate(lens) for _ in range(n)], device=dev)
             j = torch.tensor([i for n in lens for i in range(n)], device=dev)
             last = torch.tensor(lens, device=dev).cumsum(0) - 1
-            return b.fast.verify_rows(x, b.cache, rr, j, b.L - b.lens, torch.zeros_like(b.lens), b.mask, b.L, last)
+            logits = b.fast.verify_rows(x, b.cache, rr, j, b.L - b.lens, torch.zeros_like(b.lens), b.mask, b.L, last)
+            b.cache.pos = b.cache.pos if b.ragged else b.L  # (lockstep steps write at cache.pos)
+            return logits
         m, pos = self.model, None
         if b.padded:  # left padding: positions count from each row's first real token
             pos = (torch.arange(b.L, device=self.device)[None, :] - (b.L - b.lens)[:, None]).clamp_(min=0)

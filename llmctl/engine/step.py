@@ -6,6 +6,11 @@ larger ops: q/k/v and gate/up projections fused into one matmul each, weights st
 matrix-vector and small-batch products on CPU), the residual adds fused into the output projections, RoPE as
 one fused multiply-add. Tests hold its logits to the full forward's (fp32, 1e-4).
 
+A model with 16-bit weights (bf16 / fp16) on CPU keeps them in 16 bits here too (the fused matrices, the embedding,
+lm_head: no fp32 copy), and everything else in fp32 (`dtype`): norms' and biases' small copies, RoPE, attention, the
+KV cache, activations and logits; each matmul widens the weights to fp32 (the native step in registers as it reads
+them). Tests hold it to the full forward of the same weights in fp32 (1e-4).
+
 fp32 on CPU, the same step runs natively (llmctl/native/csrc/decode.cpp, on these same fused weights and the same
 KV cache, through the ctypes Structures of llmctl/native/abi.py): a one-row token in one call, and for rows of a
 batch and verify passes everything but the matmuls, which go to the sgemm of PyTorch's own BLAS. Where it does not
@@ -16,6 +21,7 @@ each other.
 from __future__ import annotations
 
 import ctypes
+from types import SimpleNamespace
 
 import torch
 import torch.nn.functional as F
@@ -68,23 +74,32 @@ class FastDecode:
         return sum(p._version for p in self.model.parameters()), _OPTIMIZER_STEPS
 
     def refresh(self) -> None:
-        if not self.share and self._version() != self.version:
+        if (not self.share or self.wide) and self._version() != self.version:  # (wide: fp32 copies of norms, biases)
             self._build()
 
     @torch.no_grad()
     def _build(self) -> None:
         cfg, m = self.cfg, self.model
+        w = m.lm_head.weight
+        # activations, KV cache, logits: fp32 for 16-bit weights on CPU, else the weights' dtype
+        self.wide = w.device.type == "cpu" and w.dtype in (torch.bfloat16, torch.float16)
+        self.dtype = torch.float32 if self.wide else w.dtype
+        small = (lambda t: None if t is None else t.to(self.dtype)) if self.wide else (lambda t: t)  # noqa: E731
+        if cfg.arch == "llama":
+            self.norm_w = small(m.model.norm.weight)
+        else:
+            self.ln_f, self.wpe = self._ln(m.transformer.ln_f), small(m.transformer.wpe.weight)
         self.layers = []
         for blk in m.blocks:
             if cfg.arch == "llama":
                 a, mlp = blk.self_attn, blk.mlp
                 qkv = self._fuse(a.q_proj, a.k_proj, a.v_proj)
                 gu = self._fuse(mlp.gate_proj, mlp.up_proj)
-                self.layers.append((blk.input_layernorm.weight, *qkv, *self._fuse(a.o_proj),
-                                    blk.post_attention_layernorm.weight, *gu, *self._fuse(mlp.down_proj)))  # fmt: skip
+                self.layers.append((small(blk.input_layernorm.weight), *qkv, *self._fuse(a.o_proj),
+                                    small(blk.post_attention_layernorm.weight), *gu, *self._fuse(mlp.down_proj)))  # fmt: skip
             else:
-                self.layers.append((blk.ln_1, *self._fuse(blk.attn.c_attn), *self._fuse(blk.attn.c_proj), blk.ln_2,
-                                    *self._fuse(blk.mlp.c_fc), *self._fuse(blk.mlp.c_proj)))  # fmt: skip
+                self.layers.append((self._ln(blk.ln_1), *self._fuse(blk.attn.c_attn), *self._fuse(blk.attn.c_proj),
+                                    self._ln(blk.ln_2), *self._fuse(blk.mlp.c_fc), *self._fuse(blk.mlp.c_proj)))  # fmt: skip
         self.lm_rows = None  # sharing a tied embedding: logits = (E @ h.T).T with E [V, C] as it is
         if cfg.tie_embeddings and self.share:  # (x @ E.T is slower than either for a few rows; as fast from ~16
             # rows on, and then the transposed [V, M] result's copy costs more than it saves)
@@ -95,7 +110,7 @@ class FastDecode:
         else:
             self.lm_head = self._fuse(m.lm_head)[0]
         if cfg.arch == "llama":
-            half, dtype = cfg.head_dim // 2, m.lm_head.weight.dtype
+            half, dtype = cfg.head_dim // 2, self.dtype
             sign = torch.cat([-torch.ones(half), torch.ones(half)]).to(m.rope_sin)
             # rotate_half(x) * sin == flip_halves(x) * (sign * sin); RoPE at a position is then x @ R with
             # R = eye * cos + swap * (sign * sin), swap[(j + half) % hd, j] = 1: one batched matmul per layer
@@ -107,11 +122,12 @@ class FastDecode:
         self.version = self._version()
 
     def _native_setup(self) -> None:
-        """Point the native step (llmctl/native/) at the weights, where it applies: fp32 on CPU, contiguous."""
+        """Point the native step (llmctl/native/) at the weights, where it applies: on CPU, contiguous, matrices in
+        fp32, bf16 or fp16 (abi.WDTYPES) and the rest in fp32."""
         cfg, m = self.cfg, self.model
         self.native = None
         w = m.lm_head.weight
-        if w.device.type != "cpu" or w.dtype != torch.float32 or cfg.head_dim > 512 or cfg.n_head % cfg.n_kv_head:
+        if w.device.type != "cpu" or self.dtype != torch.float32 or cfg.head_dim > 512 or cfg.n_head % cfg.n_kv_head:
             return
         from llmctl import native
         from llmctl.native import abi
@@ -121,12 +137,11 @@ class FastDecode:
             return
         llama = cfg.arch == "llama"
         if llama:
-            emb, glob = m.model.embed_tokens.weight, [self.cos, self.sin, m.model.norm.weight, None]
+            emb, glob = m.model.embed_tokens.weight, [self.cos, self.sin, self.norm_w, None]
             eps, n_pos = cfg.norm_eps, min(self.cos.size(0), self.sin.size(0))
         else:
-            ln_f = m.transformer.ln_f
-            emb, glob = m.transformer.wte.weight, [m.transformer.wpe.weight, None, ln_f.weight, ln_f.bias]
-            eps, n_pos = ln_f.eps, m.transformer.wpe.weight.size(0)
+            emb, glob = m.transformer.wte.weight, [self.wpe, None, self.ln_f.weight, self.ln_f.bias]
+            eps, n_pos = self.ln_f.eps, self.wpe.size(0)
         lm = self.lm_rows if self.lm_rows is not None else self.lm_head
         layers = []  # per layer: Layer's 12 weights (None: absent)
         for layer in self.layers:
@@ -139,7 +154,11 @@ class FastDecode:
                     return
                 layers.append([ln1.weight, ln1.bias, wqkv, bqkv, wo, bo, ln2.weight, ln2.bias, w1, b1, w2, b2])
         keep = [emb, *glob, lm, *(t for ts in layers for t in ts)]
-        if any(t is not None and (t.dtype != torch.float32 or not t.is_contiguous()) for t in keep):
+        matrices = {id(t) for t in [emb, lm, *(ts[i] for ts in layers for i in (2, 4, 8, 10))]}
+        wd = str(w.dtype).removeprefix("torch.")
+        if wd not in abi.WDTYPES or any(
+                t is not None and (t.dtype != (w.dtype if id(t) in matrices else torch.float32) or not t.is_contiguous())
+                for t in keep):  # fmt: skip
             return
         self._keep = keep  # the tensors behind the pointers
         ptr = lambda t: None if t is None else t.data_ptr()  # noqa: E731
@@ -147,6 +166,7 @@ class FastDecode:
         inter = self.layers[0][6].size(1) // (2 if llama else 1)
         self._model = abi.Model(gpt2=int(not llama), n_layer=cfg.n_layer, C=cfg.n_embd, nh=cfg.n_head,
                                 nkv=cfg.n_kv_head, hd=cfg.head_dim, inter=inter, V=cfg.vocab_size,
+                                wdtype=abi.WDTYPES.index(wd),
                                 lm_rows=int(self.lm_rows is not None), n_pos=n_pos, eps=float(eps),
                                 scale=cfg.head_dim**-0.5, emb=ptr(emb), pe=ptr(glob[0]), sin=ptr(glob[1]),
                                 normw=ptr(glob[2]), normb=ptr(glob[3]), lm_head=ptr(lm),
@@ -214,6 +234,13 @@ class FastDecode:
         err = self.native.llmctl_step(self._mp, self._tp, logits.data_ptr(), work.data_ptr(), self._sgemm)
         return None if err else logits
 
+    def _ln(self, ln):
+        """A LayerNorm as it is, or (16-bit weights on CPU) its fp32 copy."""
+        if not self.wide:
+            return ln
+        return SimpleNamespace(weight=ln.weight.detach().to(self.dtype), eps=ln.eps, normalized_shape=ln.normalized_shape,
+                               bias=None if ln.bias is None else ln.bias.detach().to(self.dtype))  # fmt: skip
+
     def _fuse(self, *lins):
         """The Linear layers' weights concatenated along `out` and transposed to [in, out]; their bias (or None)."""
         w = torch.cat([lin.weight.detach() for lin in lins]).t().contiguous()
@@ -226,7 +253,7 @@ class FastDecode:
                 if b is not None:
                     lin.bias.data = b[o : o + n]
                 o += n
-        return w, b
+        return w, b if b is None or not self.wide else b.to(self.dtype)
 
     def __call__(self, x, cache, position=None, mask=None):
         """x [B] next tokens; position [B] their positions (None: cache.pos for all); mask [B, cache.pos + 1]
@@ -330,31 +357,33 @@ class FastDecode:
         T > 1: runs of up to T tokens of R cache rows (kv returns [R, nkv, S, hd], am is [R, 1, T, S]); x's tokens
         sit at positions `pad` of the padded [R * T] layout (None: x is that layout). out: the logits of these
         tokens only (index into x)."""
-        cfg, m = self.cfg, self.model
+        cfg, m, mm = self.cfg, self.model, _widen if self.wide else _mm
         B, nh, nkv, hd = x.size(0), cfg.n_head, cfg.n_kv_head, cfg.head_dim
         llama = cfg.arch == "llama"
         if llama:
-            h = m.model.embed_tokens(x)  # [B, C]
+            h = m.model.embed_tokens(x).to(self.dtype)  # [B, C]
             cos, sin = self.cos[pos], self.sin[pos]  # [hd] or [B, hd]
             if cos.dim() == 1:
                 cos, sin = cos[None], sin[None]
             rot = torch.addcmul(self.eye * cos[:, None], self.swap, sin[:, None])  # [B or 1, hd, hd]
         else:
-            h = m.transformer.wte(x) + m.transformer.wpe(torch.full_like(x, pos) if isinstance(pos, int) else pos)
+            h = m.transformer.wte(x).to(self.dtype) + self.wpe[torch.full_like(x, pos) if isinstance(pos, int) else pos]
         for i, layer in enumerate(self.layers):
             if llama:
                 ln1, wqkv, bqkv, wo, bo, ln2, wgu, _, wd, _ = layer
                 xn = _rms(h, ln1, cfg.norm_eps)
-                qkv = (xn @ wqkv if bqkv is None else torch.addmm(bqkv, xn, wqkv)).view(B, nh + 2 * nkv, hd)
+                qkv = (mm(xn, wqkv) if bqkv is None else mm(xn, wqkv, bqkv)).view(B, nh + 2 * nkv, hd)
                 qk = qkv[:, : nh + nkv]
                 qk = torch.matmul(qk, rot)  # RoPE: qk * cos + rotate_half(qk) * sin
                 q, k, v = qk[:, :nh], qk[:, nh:], qkv[:, nh + nkv :]
             else:
                 ln1, wqkv, bqkv, wo, bo, ln2, wfc, bfc, wp, bp = layer
                 xn = F.layer_norm(h, ln1.normalized_shape, ln1.weight, ln1.bias, ln1.eps)
-                qkv = torch.addmm(bqkv, xn, wqkv).view(B, 3 * nh, hd)
+                qkv = mm(xn, wqkv, bqkv).view(B, 3 * nh, hd)
                 q, k, v = qkv[:, :nh], qkv[:, nh : 2 * nh], qkv[:, 2 * nh :]
             kk, vv = kv(i, k, v)
+            if kk.dtype != q.dtype:  # a cache the model's forward made (beam search's prefill) in the weights' dtype
+                kk, vv = kk.to(q.dtype), vv.to(q.dtype)
             if T == 1 and pad is None:
                 y = F.scaled_dot_product_attention(q[:, :, None], kk, vv, attn_mask=am, enable_gqa=nkv != nh)
                 y = y.view(B, nh * hd)
@@ -367,26 +396,39 @@ class FastDecode:
                 y = y.transpose(1, 2).reshape(R * T, nh * hd)
                 if pad is not None:
                     y = y.index_select(0, pad)
-            h = torch.addmm(h, y, wo)  # residual add fused
+            h = mm(y, wo, h)  # residual add fused
             if bo is not None:
                 h = h + bo
             if llama:
-                gu = _rms(h, ln2, cfg.norm_eps) @ wgu
+                gu = mm(_rms(h, ln2, cfg.norm_eps), wgu)
                 inter = gu.size(1) // 2
-                h = torch.addmm(h, F.silu(gu[:, :inter]) * gu[:, inter:], wd)
+                h = mm(F.silu(gu[:, :inter]) * gu[:, inter:], wd, h)
             else:
                 xn = F.layer_norm(h, ln2.normalized_shape, ln2.weight, ln2.bias, ln2.eps)
-                h = torch.addmm(h, F.gelu(torch.addmm(bfc, xn, wfc), approximate="tanh"), wp) + bp
+                h = mm(F.gelu(mm(xn, wfc, bfc), approximate="tanh"), wp, h) + bp
         if out is not None:  # logits of these tokens only
             h = h.index_select(0, out)
             B = h.size(0)
-        h = _rms(h, m.model.norm.weight, cfg.norm_eps) if llama else m.transformer.ln_f(h)
-        if self.lm_rows is not None and B >= 16:  # enough rows: h @ E.T as fast, and no transposing copy
-            return F.linear(h, self.lm_rows).float()
-        if self.lm_rows is not None:
-            out = torch.mm(self.lm_rows, h.t()).t()
+        ln = None if llama else self.ln_f
+        h = _rms(h, self.norm_w, cfg.norm_eps) if llama else F.layer_norm(h, ln.normalized_shape, ln.weight, ln.bias,
+                                                                          ln.eps)  # fmt: skip
+        rows = self.lm_rows if self.lm_rows is None or not self.wide else self.lm_rows.to(self.dtype)
+        if rows is not None and B >= 16:  # enough rows: h @ E.T as fast, and no transposing copy
+            return F.linear(h, rows).float()
+        if rows is not None:
+            out = torch.mm(rows, h.t()).t()
             return (out.contiguous() if B > 1 else out).float()
-        return (h @ self.lm_head).float()
+        return mm(h, self.lm_head).float()
+
+
+def _mm(x, w, add=None):
+    """(add +) x @ w."""
+    return x @ w if add is None else torch.addmm(add, x, w)
+
+
+def _widen(x, w, add=None):
+    """_mm for fp32 activations x and 16-bit weights w: w widened to fp32 (exact), fp32 products."""
+    return _mm(x, w.to(x.dtype), add)
 
 
 def _rms(x, w, eps):

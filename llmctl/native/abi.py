@@ -20,10 +20,11 @@ class Layer(ctypes.Structure):
 class Model(ctypes.Structure):
     """The model: its shape, the cache's (max_len L, rows B), the norms' eps, attention's scale and the weights.
     pe: gpt2's wpe [n_pos, C] or llama's cos [n_pos, hd]; sin: llama's signed sin [n_pos, hd]; lm_rows: lm_head is
-    [V, C] (a tied embedding as it is) rather than [C, V]."""
+    [V, C] (a tied embedding as it is) rather than [C, V]. wdtype: the matrices' (emb, lm_head, each Layer's wqkv,
+    wo, w1, w2) element type, WDTYPES; every other tensor is fp32."""
 
     _fields_ = [*((name, i64) for name in ("gpt2", "n_layer", "C", "nh", "nkv", "hd", "inter", "V", "L", "lm_rows",
-                                           "n_pos", "B")),
+                                           "n_pos", "B", "wdtype")),
                 ("eps", f32), ("scale", f32),
                 *((name, ptr) for name in ("emb", "pe", "sin", "normw", "normb", "lm_head")),
                 ("layers", ctypes.POINTER(Layer))]  # fmt: skip
@@ -38,6 +39,7 @@ class Tokens(ctypes.Structure):
                 ("mstride", i64), ("out", ptr), ("n_out", i64)]  # fmt: skip
 
 
+WDTYPES = ("float32", "bfloat16", "float16")  # Model.wdtype's codes, by torch dtype name
 P = ctypes.POINTER
 SIGNATURES = {  # name: (argument types, result type)
     "llmctl_struct_sizes": ([P(i64)], i64),

@@ -247,7 +247,8 @@ class Chat:
 
 
 def run(model, args: list[str], *, system: str | None = None, adapter=None, device: str | None = None,
-        stdin: TextIO | None = None, stdout: TextIO | None = None, stderr: TextIO | None = None) -> None:  # fmt: skip
+        dtype: str | None = None, stdin: TextIO | None = None, stdout: TextIO | None = None,
+        stderr: TextIO | None = None) -> None:  # fmt: skip
     """The command: check the flags, load the MODEL, then converse (a REPL on a terminal, else line by line)."""
     import torch
 
@@ -256,7 +257,7 @@ def run(model, args: list[str], *, system: str | None = None, adapter=None, devi
     make_params(flags)  # flag errors before the model loads
     if system is not None:
         check_unicode(system, "--system")
-    engine = load_engine(model, device, adapter=adapter)
+    engine = load_engine(model, device, adapter=adapter, dtype=dtype)
     chat = Chat(engine, flags, system, stderr)
     if flags.get("seed") is None:
         torch.seed()  # no seed: a different sample every run

@@ -103,7 +103,7 @@ def parse_json_item(engine, line: str, where: str, base: dict, chat: bool, warne
 
 
 def run(model, prompt: str | None, flags: dict, *, json_mode: bool, chat: bool, batch_size: int,
-        device: str | None = None, compile: bool = False, adapter=None, prompt_lookup: int = 8,
+        device: str | None = None, compile: bool = False, adapter=None, prompt_lookup: int = 8, dtype=None,
         stdin: TextIO | None = None,
         stdout: TextIO | None = None, stderr: TextIO | None = None) -> None:  # fmt: skip
     """The command: validate the flags, load the MODEL, then answer the PROMPT or every stdin line."""
@@ -116,7 +116,7 @@ def run(model, prompt: str | None, flags: dict, *, json_mode: bool, chat: bool, 
     make_params({k: v for k, v in flags.items() if v is not None})  # flag errors before the model loads
     if prompt_lookup < 0:
         raise UserError(f"--prompt-lookup must be 0 (off) or more, got {prompt_lookup}")
-    engine = load_engine(model, device, compile, adapter, prompt_lookup)
+    engine = load_engine(model, device, compile, adapter, prompt_lookup, dtype)
     base = dict(flags)
     if base.get("max_new_tokens") is None:
         base["max_new_tokens"] = min(DEFAULT_MAX_NEW_TOKENS, engine.block_size // 2)

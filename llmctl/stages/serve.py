@@ -39,7 +39,8 @@ def _listen(host: str, port: int) -> socket.socket:
 
 
 def run(model: str, adapter=None, host: str = "127.0.0.1", port: int = 8000, api_key: str | None = None,
-        max_rows: int = 16, served_model_name: str | None = None, device: str | None = None) -> None:  # fmt: skip
+        max_rows: int = 16, served_model_name: str | None = None, device: str | None = None,
+        dtype: str | None = None) -> None:  # fmt: skip
     try:
         import fastapi  # noqa: F401
         import uvicorn
@@ -54,7 +55,7 @@ def run(model: str, adapter=None, host: str = "127.0.0.1", port: int = 8000, api
         raise UserError(f"--max-rows must be at least 1, got {max_rows}")
     api_key = api_key or os.environ.get("LLMCTL_API_KEY") or None
     sock = _listen(host, port)
-    engine = load_engine(model, device, adapter=adapter)
+    engine = load_engine(model, device, adapter=adapter, dtype=dtype)
     batcher = Batcher(engine, max_rows=max_rows)
     name = served_model_name or str(model)
     app = build_app(engine, batcher, name, api_key)
