@@ -231,9 +231,7 @@ class Batcher:
         b = Batch(eng, [r.prompt for r in group], [r.params for r in group], range(len(group)))
         b.rows = list(group)
         b.ragged = b.fast is not None and len(group) > 1
-        logits = eng._prefill(b)
-        if b.ragged:  # (the ragged prefill leaves pos alone) the prompts end at slot L, as a left-padded prefill's
-            b.cache.pos = b.L
+        logits = eng._prefill(b)  # (the prompts end at slot L = cache.pos)
         new = eng._pick(b, logits, None, lazy=False)
         lps = self._logprobs(b, new, logits)
         for r, req in enumerate(group):

@@ -284,12 +284,10 @@ class Engine:
             # without padding: the prompts' tokens only, at the slots of their left-padded layout
             dev, lens = self.device, [len(p) for p in b.prompts]
             x = torch.tensor([t for p in b.prompts for t in p], device=dev)
-            rr = torch.tensor([r for r, n in enumerate(lens) for _ in range(n)], device=dev)
-            j = torch.tensor([i for n in lens for i in range(n)], device=dev)
+            rr, j = (torch.tensor(a, device=dev) for a in zip(*[(r, i) for r, n in enumerate(lens) for i in range(n)]))
             last = torch.tensor(lens, device=dev).cumsum(0) - 1
-            logits = b.fast.verify_rows(x, b.cache, rr, j, b.L - b.lens, torch.zeros_like(b.lens), b.mask, b.L, last)
-            b.cache.pos = b.cache.pos if b.ragged else b.L  # (lockstep steps write at cache.pos)
-            return logits
+            b.cache.pos = b.L  # the prompts end at slot L (lockstep steps write at cache.pos; ragged ones ignore it)
+            return b.fast.verify_rows(x, b.cache, rr, j, b.L - b.lens, torch.zeros_like(b.lens), b.mask, b.L, last)
         m, pos = self.model, None
         if b.padded:  # left padding: positions count from each row's first real token
             pos = (torch.arange(b.L, device=self.device)[None, :] - (b.L - b.lens)[:, None]).clamp_(min=0)
@@ -423,9 +421,7 @@ class Engine:
         return any(s in text for s in stops)
 
     def _result(self, prompt, gen, reason, stops) -> Result:
-        text = self._text(prompt, gen)
-        if reason == "eos":
-            text = self._text(prompt, gen[:-1])
+        text = self._text(prompt, gen[:-1] if reason == "eos" else gen)
         if stops:
             cut = min((i for i in (text.find(s) for s in stops) if i >= 0), default=-1)
             if cut >= 0:
