@@ -48,7 +48,7 @@ SHAPE = dict(arch="llama", n_layer=6, n_head=8, n_embd=256, block_size=256)  # g
 SAMPLING = {"temperature": 0.8, "top_p": 0.9}
 
 
-def make_model(d: Path, vocab: int) -> Path:
+def make_model(d: Path, vocab: int, shape: dict) -> Path:
     import torch
 
     from llmctl import hf
@@ -60,7 +60,7 @@ def make_model(d: Path, vocab: int) -> Path:
     tok.save(d / "tok")
     torch.manual_seed(0)
     cfg = ModelConfig(vocab_size=tok.vocab_size, bos_token_id=tok.bos_id, eos_token_id=tok.eos_id,
-                      pad_token_id=tok.pad_id, **SHAPE)  # fmt: skip
+                      pad_token_id=tok.pad_id, **shape)  # fmt: skip
     out = hf.save_model(Transformer(cfg), d / "model", tokenizer_dir=d / "tok")
     # transformers serve samples only when the model's generation config says so, and with its defaults (top_k 50)
     # otherwise: the benchmark's sampling goes there too (llmctl serve takes it from the requests alone)
@@ -177,10 +177,14 @@ def main():
     ap.add_argument("--max-tokens", type=int, default=64)
     ap.add_argument("--rounds", type=int, default=2, help="requests each stream sends, one after the other")
     ap.add_argument("--vocab", type=int, default=4096)
+    ap.add_argument("--n-layer", type=int, default=SHAPE["n_layer"])
+    ap.add_argument("--n-embd", type=int, default=SHAPE["n_embd"])
+    ap.add_argument("--n-head", type=int, default=SHAPE["n_head"])
     ap.add_argument("--transformers-default", action="store_true", help="also transformers serve without "
                     "--continuous-batching (one request at a time)")  # fmt: skip
     ap.add_argument("--device", default="cpu")
     args = ap.parse_args()
+    shape = {**SHAPE, "n_layer": args.n_layer, "n_embd": args.n_embd, "n_head": args.n_head}
     import torch
     import transformers
 
@@ -188,7 +192,7 @@ def main():
     tmp = Path(tempfile.mkdtemp(prefix="serve-bench-"))
     servers: list[Proc] = []
     try:
-        model = make_model(tmp, args.vocab)
+        model = make_model(tmp, args.vocab, shape)
         texts = prompts()
         llm = Proc("llmctl", [sys.executable, "-m", "llmctl", "serve", "--model", str(model), "--port", "0",
                               "--max-rows", str(max(args.concurrency)), "--served-model-name", "bench",
@@ -213,7 +217,7 @@ def main():
                 one_request(s, texts[k], 8, k, extra[s.name])
         res = {"device": args.device, "cpu": platform.processor() or platform.machine(), "cores": os.cpu_count(),
                "torch": torch.__version__, "transformers": transformers.__version__,
-               "load_avg_before": os.getloadavg()[0], "model": {**SHAPE, "vocab_size": args.vocab},
+               "load_avg_before": os.getloadavg()[0], "model": {**shape, "vocab_size": args.vocab},
                "max_tokens": args.max_tokens, "rounds": args.rounds, "sampling": SAMPLING,
                "transformers_flags": kinds, "results": {s.name: {} for s in servers}}  # fmt: skip
         for conc in args.concurrency:
