@@ -113,7 +113,7 @@ class Batcher:
             raise ValueError(f"max_rows must be an integer >= 1, got {max_rows!r}")
         self.engine, self.max_rows = engine, max_rows
         self.max_tokens = max_tokens or max_rows * engine.block_size
-        self.stats = {"live": 0, "waiting": 0, "finished": 0, "steps": 0}
+        self._counts = {"finished": 0, "steps": 0}
         self._waiting: collections.deque[Request] = collections.deque()
         self._cv = threading.Condition()
         self._closing, self._drain = False, True
@@ -140,7 +140,6 @@ class Batcher:
             if self._closing:
                 raise RuntimeError("the server is shutting down")
             self._waiting.append(req)
-            self.stats["waiting"] = len(self._waiting)
             self._cv.notify()
         return req
 
@@ -153,6 +152,15 @@ class Batcher:
                     req.cancelled = True
             self._cv.notify()
         self._thread.join(timeout)
+
+    @property
+    def stats(self) -> dict:
+        """Rows decoding (admitted, not finished), requests waiting, requests finished, decode steps so far."""
+        return {"live": len(self._live), "waiting": len(self._waiting), **self._counts}
+
+    def _dropped(self, req: Request) -> bool:
+        """The request is to end now: cancelled, or the batcher is closing without draining."""
+        return req.cancelled or (self._closing and not self._drain)
 
     def _wake(self) -> None:
         with self._cv:
@@ -179,11 +187,11 @@ class Batcher:
     def step(self, b: Batch, new: list[list[int]], logits: torch.Tensor) -> Batch | None:
         """The loop's hook after the host took a step's tokens: deliver them, let finished and cancelled rows go,
         admit waiting requests; the batch to decode next (None: nothing left)."""
-        self.stats["steps"] += 1
+        self._counts["steps"] += 1
         lps = self._logprobs(b, new, logits)
         keep = []
         for r, req in enumerate(b.rows):
-            if b.reason[r] is None and (req.cancelled or (self._closing and not self._drain)):
+            if b.reason[r] is None and self._dropped(req):
                 b.reason[r] = "cancelled"
                 self._results[req] = self.engine._result(req.prompt, b.tokens[r], "cancelled", b.stops[r])
             self._deliver(req, b, r, lps.get(r))
@@ -192,7 +200,6 @@ class Batcher:
         used = sum(len(b.prompts[r]) + b.limit[r] for r in keep)
         joiners = self._admit(len(keep), used)
         if not keep and not joiners:
-            self.stats["live"] = 0
             return None
         if not joiners and len(keep) == len(b.rows):
             return b
@@ -208,21 +215,17 @@ class Batcher:
                 if (rows or group) and used + need > self.max_tokens and not req.cancelled:
                     break
                 self._waiting.popleft()
-                if req.cancelled or (self._closing and not self._drain) or req.params.max_new_tokens == 0:
+                if self._dropped(req) or req.params.max_new_tokens == 0:
                     why = "length" if req.params.max_new_tokens == 0 and not req.cancelled else "cancelled"
                     self._finish(req, self.engine._result(req.prompt, [], why, req.params.stop))
                     continue
                 group.append(req)
                 used += need
-            self.stats["waiting"] = len(self._waiting)
         if not group:
             return []
         self._live.update(group)
-        self.stats["live"] = rows + len(group)
         b = self._prefill(group)
-        alive = [(b, r) for r, why in enumerate(b.reason) if why is None]
-        self.stats["live"] = rows + len(alive)
-        return alive
+        return [(b, r) for r, why in enumerate(b.reason) if why is None]
 
     def _prefill(self, group: list[Request]) -> Batch:
         """The requests' prompts in one forward (several: FastDecode's ragged prefill, no padding computed) and their
@@ -267,12 +270,12 @@ class Batcher:
             return
         req.sent_text, req.sent_tokens = req.sent_text + delta, len(toks)
         if res is not None:
-            self.stats["finished"] += 1
+            self._counts["finished"] += 1
             self._live.discard(req)
         req._push(Event(delta, list(new), lps, res))
 
     def _finish(self, req: Request, res: Result) -> None:
-        self.stats["finished"] += 1
+        self._counts["finished"] += 1
         self._live.discard(req)
         req._push(Event("", [], None, res))
 
