@@ -36,6 +36,11 @@ def make_params(flags: dict, where: str | None = None):
         raise UserError("--" + name.replace("_", "-") + msg[len(name) :]) from None
 
 
+def end_of_turn(tok) -> dict:
+    """The sampling settings a chat reply adds: its template's end-of-turn token (e.g. <|im_end|>) ends it too."""
+    return {"stop_token_ids": (tok.im_end_id,)} if tok.im_end_id is not None else {}
+
+
 def unescape(s: str) -> str:
     """`\\n`, `\\t`, `\\r` and `\\\\` in a --stop value."""
     out, i = [], 0

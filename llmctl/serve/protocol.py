@@ -170,7 +170,7 @@ def _chat_prompt(tok, body: dict) -> list[int]:
 
 def parse(kind: str, body, engine, model_name: str) -> Plan:
     """A request body -> Plan; ApiError (400, or 404 for another model) when it cannot be served as asked."""
-    from llmctl.generation import make_params
+    from llmctl.generation import end_of_turn, make_params
 
     if not isinstance(body, dict):
         raise ApiError("the request body must be a JSON object")
@@ -208,8 +208,8 @@ def parse(kind: str, body, engine, model_name: str) -> Plan:
         repetition_penalty=_number(body, "repetition_penalty", 1.0, 0, open_lo=True),
         stop=_stop(body), ignore_eos=_flag(body, "ignore_eos"))  # fmt: skip
     seed = _number(body, "seed", None, -(2**63), 2**64 - 1, integer=True)
-    if kind == "chat" and engine.tokenizer.im_end_id is not None:
-        flags["stop_token_ids"] = (engine.tokenizer.im_end_id,)
+    if kind == "chat":
+        flags.update(end_of_turn(engine.tokenizer))
     context, params = engine.block_size, []
     for ids in prompts:
         room = context - len(ids)

@@ -27,7 +27,8 @@ from typing import TextIO
 
 from llmctl.data import check_unicode, text_lines
 from llmctl.errors import UserError
-from llmctl.generation import DEFAULT_MAX_NEW_TOKENS, SETTINGS, escape, load_engine, make_params, unescape
+from llmctl.generation import DEFAULT_MAX_NEW_TOKENS, SETTINGS, end_of_turn, escape, load_engine, make_params
+from llmctl.generation import unescape
 
 HELP = """\
 Type a message and press Enter; the reply streams in. Ctrl-C stops a reply (what was printed stays on the
@@ -131,8 +132,7 @@ class Chat:
             name = "max_new_tokens" if where else "--max-new-tokens"
             raise UserError(f"{where}{name} ({s['max_new_tokens']}) must be below the model's context of "
                             f"{self.engine.block_size} tokens")  # fmt: skip
-        if self.tok.im_end_id is not None:
-            s["stop_token_ids"] = (self.tok.im_end_id,)
+        s.update(end_of_turn(self.tok))
         if n is not None and s.get("seed") is not None:
             s["seed"] += n
         return make_params(s, where.rstrip(": ") or None)

@@ -29,7 +29,7 @@ from typing import Any, TextIO
 
 from llmctl.data import check_unicode, text_lines
 from llmctl.errors import UserError
-from llmctl.generation import DEFAULT_MAX_NEW_TOKENS, SETTINGS, escape, load_engine, make_params
+from llmctl.generation import DEFAULT_MAX_NEW_TOKENS, SETTINGS, end_of_turn, escape, load_engine, make_params
 from llmctl.generation import unescape  # noqa: F401  (the CLI's --stop)
 
 OVERRIDES = SETTINGS  # per-item overrides accepted in --json mode and their JSON types
@@ -123,8 +123,8 @@ def run(model, prompt: str | None, flags: dict, *, json_mode: bool, chat: bool, 
     elif base["max_new_tokens"] >= engine.block_size:
         raise UserError(f"--max-new-tokens ({base['max_new_tokens']}) must be below the model's context of "
                         f"{engine.block_size} tokens")  # fmt: skip
-    if chat and engine.tokenizer.im_end_id is not None:
-        base["stop_token_ids"] = (engine.tokenizer.im_end_id,)
+    if chat:
+        base.update(end_of_turn(engine.tokenizer))
     seed = base.pop("seed", None)
     if seed is None:
         torch.seed()  # no --seed: a different sample every run
